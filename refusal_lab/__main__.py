@@ -1,0 +1,30 @@
+"""``python -m refusal_lab [overrides]``: compose the config, hand it to the runner."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+import refusal_lab  # noqa: F401  (registers the config resolvers)
+from refusal_lab.errors import ConfigError
+from refusal_lab.runner import run
+
+log = logging.getLogger("refusal_lab")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        document = run(cfg)
+    except ConfigError as error:
+        log.error("%s", error)
+        sys.exit(2)
+    metric = cfg.get("optimized_metric")
+    return document["metrics"].get(metric) if metric else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""OmegaConf resolvers the YAML configs rely on, and the secret filter for anything written out."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential)", re.IGNORECASE)
+_SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
+REDACTED = "<redacted>"
+
+
+def default_cache_dir() -> str:
+    """Where built artefacts (de-quantized models, later activations) live between runs."""
+    env = os.environ.get("REFUSAL_LAB_CACHE")
+    return env if env else str(Path.home() / ".cache" / "refusal_lab")
+
+
+def register_resolvers() -> None:
+    # replace=True keeps repeated imports (tests, the basic launcher) from raising.
+    OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
+    OmegaConf.register_new_resolver("cache_root", default_cache_dir, replace=True)
+
+
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain containers, secrets removed: safe to write or log."""
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    assert isinstance(resolved, dict)
+    return redact_secrets(resolved)
+
+
+def redact_secrets(value: Any, key: str = "") -> Any:
+    """Replace secret-looking keys and any value equal to a secret in the environment.
+
+    Keys such as ``refusal_tokens`` hold no secret, so only string values under a secret-looking
+    key are redacted; the environment check catches a token pasted under any key.
+    """
+    secrets = {os.environ[name] for name in _SECRET_ENV if os.environ.get(name)}
+    return _redact(value, key, secrets)
+
+
+def _redact(value: Any, key: str, secrets: set[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _redact(v, str(k), secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redact(v, key, secrets) for v in value]
+    if isinstance(value, str):
+        if value in secrets or (_SECRET_KEY.search(key) and not key.endswith("tokens") and value):
+            return REDACTED
+        for secret in secrets:
+            value = value.replace(secret, REDACTED)
+        return value
+    return value

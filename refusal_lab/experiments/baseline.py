@@ -1,0 +1,117 @@
+"""Baseline: how often, and how strongly, the model refuses harmful and harmless prompts."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from refusal_lab.experiments.registry import ExperimentResult, register_experiment
+from refusal_lab.prompts import LABELS
+
+log = logging.getLogger(__name__)
+
+
+@register_experiment("baseline")
+def run_baseline(runner: Any, cfg: DictConfig) -> ExperimentResult:
+    """Greedy completions judged for refusal, and the refusal score, per label and category."""
+    records = runner.prompts.records
+    generations = runner.generate(
+        records,
+        max_new_tokens=int(cfg.experiment.max_new_tokens),
+        batch_size=int(cfg.experiment.batch_size),
+        description="baseline",
+    )
+    rows = [
+        {
+            "index": i,
+            "pair_id": record.pair_id,
+            "label": record.label,
+            "category": record.category,
+            "split": record.split,
+            "prompt": record.prompt,
+            "completion": generation.completion,
+            "refused": runner.judge.is_refusal(generation.completion),
+            "refusal_score": round(float(generation.readout), 5),
+            "n_new_tokens": generation.n_new_tokens,
+        }
+        for i, (record, generation) in enumerate(zip(records, generations))
+    ]
+    metrics, per_category = summarize(rows)
+    _log_summary(metrics, per_category)
+    return ExperimentResult(
+        metrics=metrics,
+        details={"per_category": per_category},
+        tables={"completions": rows},
+    )
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Refusal rates and score statistics per label and per (label, category).
+
+    ``refusal_score/auroc`` is the chance that a random harmful prompt outscores a random harmless
+    one; ``refusal_score/iqr_gap`` is harmful Q1 minus harmless Q3 (positive: the IQRs do not overlap).
+    """
+    metrics: dict[str, float] = {}
+    scores: dict[str, np.ndarray] = {}
+    for label in LABELS:
+        subset = [r for r in rows if r["label"] == label]
+        if not subset:
+            continue
+        values = np.array([r["refusal_score"] for r in subset], dtype=np.float64)
+        scores[label] = values
+        q25, median, q75 = np.percentile(values, [25, 50, 75])
+        metrics[f"n_prompts/{label}"] = len(subset)
+        metrics[f"refusal_rate/{label}"] = float(np.mean([r["refused"] for r in subset]))
+        metrics[f"refusal_score/{label}/mean"] = float(values.mean())
+        metrics[f"refusal_score/{label}/median"] = float(median)
+        metrics[f"refusal_score/{label}/q25"] = float(q25)
+        metrics[f"refusal_score/{label}/q75"] = float(q75)
+    if len(scores) == 2:
+        harmful, harmless = scores["harmful"], scores["harmless"]
+        metrics["refusal_score/separation"] = float(harmful.mean() - harmless.mean())
+        wins = (harmful[:, None] > harmless[None, :]).mean() + 0.5 * (harmful[:, None] == harmless[None, :]).mean()
+        metrics["refusal_score/auroc"] = float(wins)
+        metrics["refusal_score/iqr_gap"] = metrics["refusal_score/harmful/q25"] - metrics["refusal_score/harmless/q75"]
+
+    per_category = []
+    for category in sorted({r["category"] for r in rows}):
+        for label in LABELS:
+            subset = [r for r in rows if r["category"] == category and r["label"] == label]
+            if not subset:
+                continue
+            rate = float(np.mean([r["refused"] for r in subset]))
+            mean_score = float(np.mean([r["refusal_score"] for r in subset]))
+            metrics[f"refusal_rate/{label}/{category}"] = rate
+            metrics[f"refusal_score/{label}/{category}/mean"] = mean_score
+            per_category.append(
+                {"category": category, "label": label, "n": len(subset), "refusal_rate": rate, "refusal_score_mean": mean_score}
+            )
+    return metrics, per_category
+
+
+def _log_summary(metrics: dict[str, float], per_category: list[dict[str, Any]]) -> None:
+    log.info("%-16s %-9s %5s %13s %11s", "category", "label", "n", "refusal rate", "mean score")
+    for row in per_category:
+        log.info(
+            "%-16s %-9s %5d %12.0f%% %11.2f",
+            row["category"], row["label"], row["n"], 100 * row["refusal_rate"], row["refusal_score_mean"],
+        )
+    for label in LABELS:
+        if f"refusal_rate/{label}" in metrics:
+            log.info(
+                "%s: refusal rate %.0f%% of %d, mean refusal score %.2f",
+                label,
+                100 * metrics[f"refusal_rate/{label}"],
+                metrics[f"n_prompts/{label}"],
+                metrics[f"refusal_score/{label}/mean"],
+            )
+    if "refusal_score/separation" in metrics:
+        log.info(
+            "refusal score separation (harmful - harmless): %.2f, AUROC %.3f",
+            metrics["refusal_score/separation"],
+            metrics["refusal_score/auroc"],
+        )

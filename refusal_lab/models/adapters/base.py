@@ -1,0 +1,122 @@
+"""What every architecture adapter provides: the canonical names experiments hook.
+
+Experiments speak only these names (layers, head output projection, attention and MLP
+contributions to the residual stream, final norm, unembedding); each family's file maps them
+to its Hugging Face modules. No weights are converted, so logits stay those of the source model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class ArchitectureAdapter:
+    """Names the modules of a Llama-like decoder; families that differ override a method."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = text_config(model.config)
+
+    # -- structure -------------------------------------------------------------------------
+    @property
+    def decoder(self) -> nn.Module:
+        """The text decoder stack (for multimodal models, the language model inside)."""
+        return self.model.get_decoder()
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.decoder.layers
+
+    def layer(self, index: int) -> nn.Module:
+        return self.layers[index]
+
+    @property
+    def embed(self) -> nn.Module:
+        return self.decoder.embed_tokens
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.decoder.norm
+
+    @property
+    def unembed(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def attention(self, index: int) -> nn.Module:
+        return self.layer(index).self_attn
+
+    def head_output_proj(self, index: int) -> nn.Module:
+        """The projection whose *input* is the concatenation of the heads' outputs."""
+        return self.attention(index).o_proj
+
+    def attn_output(self, index: int) -> nn.Module:
+        """The module whose output is what attention adds to the residual stream."""
+        return self.attention(index)
+
+    def mlp_output(self, index: int) -> nn.Module:
+        """The module whose output is what the MLP adds to the residual stream."""
+        return self.layer(index).mlp
+
+    # -- sizes -----------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return int(getattr(self.config, "num_key_value_heads", None) or self.n_heads)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def d_head(self) -> int:
+        head_dim = getattr(self.config, "head_dim", None)
+        return int(head_dim) if head_dim else self.d_model // self.n_heads
+
+    # -- devices ---------------------------------------------------------------------------
+    @property
+    def input_device(self) -> torch.device:
+        """Where token ids must go: the embedding's device, also under a multi-GPU device_map."""
+        return self.embed.weight.device
+
+    def layer_device(self, index: int) -> torch.device:
+        return next(self.layer(index).parameters()).device
+
+    # -- readout ---------------------------------------------------------------------------
+    def logits_from_residual(self, residual: torch.Tensor) -> torch.Tensor:
+        """Final norm and unembedding applied to a residual stream: the model's own readout."""
+        norm = self.final_norm
+        hidden = norm(residual.to(next(norm.parameters()).device))
+        head = self.unembed
+        logits = head(hidden.to(head.weight.device))
+        return self._cap_logits(logits)
+
+    def _cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "adapter": type(self).__name__,
+            "model_type": self.config.model_type,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "d_model": self.d_model,
+            "d_head": self.d_head,
+        }
+
+
+def text_config(config: Any) -> Any:
+    """The language model's config, also for multimodal wrappers such as Gemma 3."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config

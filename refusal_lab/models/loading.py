@@ -1,0 +1,156 @@
+"""One loader for every source and precision; returns the model with its tokenizer and adapter."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from refusal_lab.errors import ConfigError
+from refusal_lab.models.adapters import ArchitectureAdapter, adapter_for
+from refusal_lab.models.precision import Precision, resolve_precision
+from refusal_lab.models.sources import ModelSource, resolve_source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    adapter: ArchitectureAdapter
+    source: ModelSource
+    precision: Precision
+    name: str
+    load_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        """What a results file records about the model: enough to load the same one again."""
+        devices = sorted({str(p.device) for p in self.model.parameters()})
+        return {
+            "name": self.name,
+            "source": self.source.kind,
+            "location": self.source.description,
+            "revision": self.source.revision,
+            **self.precision.describe(),
+            "devices": devices,
+            "memory_footprint_mb": round(self.model.get_memory_footprint() / 2**20, 1),
+            "n_parameters": sum(p.numel() for p in self.model.parameters()),
+            "load_seconds": round(self.load_seconds, 2),
+            **self.adapter.describe(),
+            **self.extra,
+        }
+
+    def close(self) -> None:
+        """Free the weights; the basic multirun launcher runs every job in one process."""
+        self.model = None  # type: ignore[assignment]
+        self.adapter = None  # type: ignore[assignment]
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def resolve_device_map(device_map: Any) -> tuple[Any, str]:
+    """The device_map to pass to from_pretrained, and the kind of device it puts weights on.
+
+    ``auto`` means every visible GPU (accelerate spreads a large model over them) or the CPU.
+    """
+    if device_map in (None, "auto"):
+        return ("auto", "cuda") if torch.cuda.is_available() else ({"": "cpu"}, "cpu")
+    if isinstance(device_map, str):
+        kind = device_map.split(":")[0]
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"model.device_map={device_map} but no CUDA device is visible; use model.device_map=auto or cpu")
+        if kind in ("balanced", "balanced_low_0", "sequential"):
+            if not torch.cuda.is_available():
+                raise ConfigError(f"model.device_map={device_map} spreads over GPUs, and none is visible; use model.device_map=auto")
+            return device_map, "cuda"
+        return {"": device_map}, kind
+    mapping = dict(device_map)
+    kinds = {str(v).split(":")[0] if not isinstance(v, int) else "cuda" for v in mapping.values()}
+    if "cuda" in kinds and not torch.cuda.is_available():
+        raise ConfigError("model.device_map places modules on CUDA but no CUDA device is visible")
+    return mapping, "cuda" if "cuda" in kinds else "cpu"
+
+
+def load_tokenizer(source: ModelSource, model_cfg: Any) -> PreTrainedTokenizerBase:
+    """The tokenizer, set up for batched generation (left padding, a pad token)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.location,
+            revision=source.revision,
+            trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
+        )
+    except OSError as error:
+        raise ConfigError(f"could not load the tokenizer of {source.description}: {error}") from error
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_cfg: Any, quant_cfg: Any, cache_dir: str | Path) -> LoadedModel:
+    """Load ``model`` at precision ``quant``; every check that can fail fast runs first."""
+    device_map, device_kind = resolve_device_map(model_cfg.get("device_map", "auto"))
+    precision = resolve_precision(quant_cfg, device_kind)
+    source = resolve_source(model_cfg, cache_dir)
+    tokenizer = load_tokenizer(source, model_cfg)
+    return load_weights(model_cfg, source, tokenizer, precision, device_map)
+
+
+def load_weights(
+    model_cfg: Any,
+    source: ModelSource,
+    tokenizer: PreTrainedTokenizerBase,
+    precision: Precision,
+    device_map: Any,
+) -> LoadedModel:
+    started = time.perf_counter()
+    kwargs = precision.from_pretrained_kwargs()
+    if model_cfg.get("max_memory"):
+        kwargs["max_memory"] = dict(model_cfg.max_memory)
+    with warnings.catch_warnings():
+        # bitsandbytes' CPU int8 path warns on every matmul that it casts to fp16; said once below.
+        warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source.location,
+                revision=source.revision,
+                device_map=device_map,
+                trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
+                token=os.environ.get("HF_TOKEN") or None,
+                **kwargs,
+            )
+        except OSError as error:
+            raise ConfigError(f"could not load {source.description}: {error}") from error
+    model.eval()
+    model.requires_grad_(False)
+    if precision.bits == 8 and precision.dtype == torch.float32:
+        log.info("bitsandbytes int8: activations are cast to fp16 inside each quantized matmul")
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        adapter=adapter_for(model),
+        source=source,
+        precision=precision,
+        name=str(model_cfg.name),
+        load_seconds=time.perf_counter() - started,
+    )
+    log.info(
+        "Loaded %s at %s in %.1f s (%.0f MB on %s)",
+        loaded.name,
+        precision.name,
+        loaded.load_seconds,
+        model.get_memory_footprint() / 2**20,
+        ", ".join(sorted({str(p.device) for p in model.parameters()})),
+    )
+    return loaded

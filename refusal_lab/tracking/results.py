@@ -1,0 +1,84 @@
+"""Results on disk: ``results/<experiment>.json`` plus one JSONL file per table.
+
+Written before anything is sent to W&B, so a tracker failure can never lose them.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from refusal_lab.config import PROJECT_ROOT, redact_secrets
+from refusal_lab.experiments.registry import ExperimentResult
+
+_PACKAGES = (
+    "refusal-lab", "torch", "transformers", "accelerate", "bitsandbytes", "safetensors", "gguf",
+    "hydra-core", "omegaconf", "wandb", "numpy", "peft",
+)
+
+
+@dataclass(frozen=True)
+class ResultFiles:
+    results: Path
+    tables: dict[str, Path]
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["refusal_lab_git_commit"] = _git_commit()
+    return versions
+
+
+def write_results(output_dir: Path, experiment: str, result: ExperimentResult, provenance: dict[str, Any]) -> ResultFiles:
+    """Write the results file and its tables; every value passes the secret filter."""
+    folder = output_dir / "results"
+    folder.mkdir(parents=True, exist_ok=True)
+    tables: dict[str, Path] = {}
+    for name, rows in result.tables.items():
+        path = folder / f"{experiment}_{name}.jsonl"
+        with path.open("w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(redact_secrets(row), ensure_ascii=False) + "\n")
+        tables[name] = path
+    document = {
+        "experiment": experiment,
+        "metrics": result.metrics,
+        "details": result.details,
+        "tables": {name: path.name for name, path in tables.items()},
+        **provenance,
+    }
+    path = folder / f"{experiment}.json"
+    path.write_text(json.dumps(_finite(redact_secrets(document)), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return ResultFiles(path, tables)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity; write them as null rather than invalid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
