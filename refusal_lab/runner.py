@@ -148,7 +148,8 @@ def current_job(cfg: DictConfig) -> JobInfo:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     return JobInfo(
         output_dir=Path(hydra_cfg.runtime.output_dir),
-        sweep_name=Path(hydra_cfg.sweep.dir).name if multirun else None,
+        # <date>_<time>_<experiment>: unique per sweep, readable as a W&B group name
+        sweep_name="_".join(Path(hydra_cfg.sweep.dir).parts[-2:]) if multirun else None,
         job_num=int(hydra_cfg.job.num) if multirun else None,
         override_dirname=hydra_cfg.job.override_dirname or None,
     )

@@ -123,7 +123,8 @@ class WandbTracker:
         if self.run is None:
             return None
         if self.mode == "offline":
-            return f"{self.run.dir.removesuffix('/files')} (offline; upload with `wandb sync {Path(self.run.dir).parent}`)"
+            folder = Path(self.run.dir).parent
+            return f"{folder} (offline; upload with `wandb sync {folder}`)"
         return getattr(self.run, "url", None) or self.run.dir
 
 

