@@ -6,6 +6,8 @@ import logging
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import refusal_lab  # noqa: F401  (registers the config resolvers)
@@ -21,7 +23,9 @@ def main(cfg: DictConfig) -> float | None:
         document = run(cfg)
     except ConfigError as error:
         log.error("%s", error)
-        sys.exit(2)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra records this job as failed and the sweep's other jobs still run
+        sys.exit(2)  # one line, no traceback: the message says what to fix
     metric = cfg.get("optimized_metric")
     return document["metrics"].get(metric) if metric else None
 

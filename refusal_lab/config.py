@@ -35,6 +35,15 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
     return redact_secrets(resolved)
 
 
+def redact_overrides(overrides: list[str]) -> list[str]:
+    """Command-line overrides (``key=value``) with secret values replaced."""
+    redacted = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        redacted.append(key + sep + redact_secrets(value, key.lstrip("+~").rsplit(".", 1)[-1]) if sep else override)
+    return redacted
+
+
 def redact_secrets(value: Any, key: str = "") -> Any:
     """Replace secret-looking keys and any value equal to a secret in the environment.
 

@@ -6,7 +6,6 @@ so a baseline costs no extra pass. Prompts are sorted by length so batches waste
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -51,19 +50,17 @@ def generate_greedy(
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             encoded = {k: v.to(device) for k, v in tokenize_chats(loaded, [texts[i] for i in batch]).items()}
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
-                out = loaded.model.generate(
-                    **encoded,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                    pad_token_id=tokenizer.pad_token_id,
-                    return_dict_in_generate=True,
-                    output_logits=first_logits_readout is not None,
-                )
+            out = loaded.model.generate(
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+                return_dict_in_generate=True,
+                output_logits=first_logits_readout is not None,
+            )
             new_tokens = out.sequences[:, encoded["input_ids"].shape[1] :].cpu()
             readout = first_logits_readout(out.logits[0]).cpu() if first_logits_readout else None
             for row, index in enumerate(batch):

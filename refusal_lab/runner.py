@@ -17,15 +17,12 @@ from typing import Any
 from omegaconf import DictConfig
 from transformers import set_seed
 
-from refusal_lab.config import plain_config
+from refusal_lab.config import plain_config, redact_overrides
 from refusal_lab.experiments import ExperimentResult, get_experiment
 from refusal_lab.generation import Generation, generate_greedy
 from refusal_lab.metrics import make_judge, refusal_score, refusal_token_ids
 from refusal_lab.metrics.judges import Judge
-from refusal_lab.models import LoadedModel, resolve_device_map
-from refusal_lab.models.loading import load_tokenizer, load_weights
-from refusal_lab.models.precision import resolve_precision
-from refusal_lab.models.sources import resolve_source
+from refusal_lab.models import LoadedModel, load_weights, plan_model
 from refusal_lab.prompts import PromptRecord, PromptSet, format_chat, load_prompt_set, require_chat_template
 from refusal_lab.tracking import JobInfo, make_tracker, package_versions, write_results
 
@@ -75,30 +72,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     job = current_job(cfg)
     spec = get_experiment(str(cfg.experiment.name))
 
-    # Cheap checks first: prompts, judge, device and precision, tracker settings, then the source.
+    # Cheap checks first (prompts, judge, tracker settings), then the model short of its weights.
     prompts = load_prompt_set(cfg.prompts.path, cfg.prompts.get("name")).select(
         split=cfg.prompts.get("split"), categories=cfg.prompts.get("categories"), limit=cfg.prompts.get("limit")
     )
     if spec.needs_pairs:
         prompts.pairs()
     judge = make_judge(cfg.get("judge"))
-    device_map, device_kind = resolve_device_map(cfg.model.get("device_map", "auto"))
-    precision = resolve_precision(cfg.quant, device_kind)
     config = plain_config(cfg)
     tracker = make_tracker(cfg.get("logger"), job, spec.name, config)
-    source = resolve_source(cfg.model, cfg.paths.cache_dir)
-    tokenizer = load_tokenizer(source, cfg.model)
+    plan = plan_model(cfg.model, cfg.quant, cfg.paths.cache_dir)
+    tokenizer = plan.tokenizer
     chat_template = require_chat_template(tokenizer, str(cfg.model.name))
     refusal_ids = refusal_token_ids(tokenizer, list(cfg.model.refusal_tokens))
     log.info(
-        "Experiment %s on %s at %s: %d prompts from %s", spec.name, cfg.model.name, precision.name, len(prompts), prompts.path.name
+        "Experiment %s on %s at %s: %d prompts from %s",
+        spec.name, cfg.model.name, plan.precision.name, len(prompts), prompts.path.name,
     )
 
     loaded: LoadedModel | None = None
     failed = True
     tracker.start()
     try:
-        loaded = load_weights(cfg.model, source, tokenizer, precision, device_map)
+        loaded = load_weights(cfg.model, plan)
         runner = Runner(cfg, loaded, prompts, judge, refusal_ids, job.output_dir)
         result: ExperimentResult = spec.run(runner, cfg)
         provenance = {
@@ -114,7 +110,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             },
             "seed": int(cfg.seed),
             "versions": package_versions(),
-            "job": {"output_dir": str(job.output_dir), "sweep": job.sweep_name, "num": job.job_num, "overrides": job.override_dirname},
+            "job": {"output_dir": str(job.output_dir), "sweep": job.sweep_name, "num": job.job_num, "overrides": job.overrides},
             "started_at": started_at,
             "runtime_s": round(time.perf_counter() - started, 2),
             "config": config,
@@ -151,5 +147,5 @@ def current_job(cfg: DictConfig) -> JobInfo:
         # <date>_<time>_<experiment>: unique per sweep, readable as a W&B group name
         sweep_name="_".join(Path(hydra_cfg.sweep.dir).parts[-2:]) if multirun else None,
         job_num=int(hydra_cfg.job.num) if multirun else None,
-        override_dirname=hydra_cfg.job.override_dirname or None,
+        overrides=redact_overrides(list(hydra_cfg.overrides.task)),
     )

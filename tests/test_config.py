@@ -8,7 +8,7 @@ import pytest
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from refusal_lab.config import PROJECT_ROOT, REDACTED, plain_config, redact_secrets
+from refusal_lab.config import PROJECT_ROOT, REDACTED, plain_config, redact_overrides, redact_secrets
 from tests.helpers import compose_config
 
 GROUPS = ["model", "quant", "prompts", "experiment", "logger", "debug", "paths", "hydra"]
@@ -28,8 +28,10 @@ def test_every_group_option_composes_and_resolves(group: str, option: str, tmp_p
     cfg = compose_config(overrides, tmp_path)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["paths"]["output_dir"] == str(tmp_path)
-    if group in ("model", "quant", "prompts", "experiment", "logger"):
+    if group in ("model", "quant", "experiment", "logger"):
         assert resolved[group]["name"], f"{group}={option} has no name"
+    if group == "prompts":
+        assert Path(resolved["prompts"]["path"]).is_file()
     if group == "model":
         assert resolved["model"]["refusal_tokens"], "every model config must name its refusal tokens"
     if group == "quant":
@@ -85,3 +87,6 @@ def test_secrets_never_survive_plain_config(tmp_path: Path, monkeypatch: pytest.
     # Keys that merely contain "tokens" hold no secret.
     assert plain["model"]["refusal_tokens"] == ["I", "Sorry", "As"]
     assert redact_secrets({"max_new_tokens": 5}) == {"max_new_tokens": 5}
+    assert redact_overrides(["quant=4bit", "+model.hub_token=abc", "logger.api_key=xyz", "model.path=/x/hf_sentinel_value_123"]) == [
+        "quant=4bit", f"+model.hub_token={REDACTED}", f"logger.api_key={REDACTED}", f"model.path=/x/{REDACTED}"
+    ]

@@ -51,8 +51,11 @@ def test_embedded_model_loads_and_answers_at_every_precision(
         if dtype is not None:
             assert loaded.model.model.layers[0].mlp.down_proj.weight.dtype == dtype
         else:
+            layer = loaded.model.model.layers[0].mlp.down_proj
             assert info["bits"] == int(quant[0])
-            assert type(loaded.model.model.layers[0].mlp.down_proj).__module__.startswith("bitsandbytes")
+            assert type(layer).__module__.startswith("bitsandbytes")
+            if quant == "4bit":  # the compute dtype the config resolved to on the CPU is the one in use
+                assert layer.compute_dtype == torch.float32 and layer.weight.quant_state.quant_type == "nf4"
         text = format_chat(loaded.tokenizer, "What is the capital of France? Answer in one word.")
         [generation] = generate_greedy(loaded, [text], max_new_tokens=8, batch_size=1)
         assert "Paris" in generation.completion, generation.completion
@@ -135,11 +138,39 @@ def test_quant_the_hardware_cannot_do(tmp_path: Path) -> None:
         resolve_precision(quant_cfg, "mps")
 
 
-def test_auto_dtypes_follow_the_device(tmp_path: Path) -> None:
-    _, quant_cfg = model_and_quant(tmp_path, "quant=4bit")
-    cpu = resolve_precision(quant_cfg, "cpu")
-    assert cpu.dtype == torch.float32 and cpu.compute_dtype == torch.float32
-    assert cpu.from_pretrained_kwargs()["quantization_config"].bnb_4bit_quant_type == "nf4"
-    if torch.cuda.is_available():
-        cuda = resolve_precision(quant_cfg, "cuda")
-        assert cuda.compute_dtype in (torch.bfloat16, torch.float16)
+def test_cuda_precisions_resolve_per_gpu_generation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA, auto picks bf16 where the GPU has it natively, else fp16; bf16 is refused without it."""
+    native = {"value": True}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native["value"] or including_emulation)
+    _, four = model_and_quant(tmp_path, "quant=4bit")
+    _, bf16 = model_and_quant(tmp_path, "quant=bf16")
+    ampere = resolve_precision(four, "cuda")
+    assert ampere.dtype == torch.bfloat16 and ampere.compute_dtype == torch.bfloat16
+    assert ampere.from_pretrained_kwargs()["quantization_config"].bnb_4bit_compute_dtype == torch.bfloat16
+    assert resolve_precision(bf16, "cuda").dtype == torch.bfloat16
+    native["value"] = False  # a T4 or V100: bf16 only emulated
+    turing = resolve_precision(four, "cuda")
+    assert turing.dtype == torch.float16 and turing.compute_dtype == torch.float16
+    with pytest.raises(ConfigError, match="no bfloat16 support; use quant=fp16"):
+        resolve_precision(bf16, "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("quant", ["fp16", "bf16", "8bit", "4bit"])
+def test_cuda_precisions(quant: str, embedded_model_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
+    model_cfg, quant_cfg = model_and_quant(tmp_path, f"quant={quant}")
+    loaded = load_model(model_cfg, quant_cfg, cache_dir)
+    try:
+        info = loaded.describe()
+        assert info["devices"] == ["cuda:0"]
+        if quant in ("8bit", "4bit"):
+            assert info["dtype"] in ("bfloat16", "float16")
+        if quant == "4bit":
+            assert info["compute_dtype"] in ("bfloat16", "float16")
+        text = format_chat(loaded.tokenizer, "What is the capital of France? Answer in one word.")
+        [generation] = generate_greedy(loaded, [text], max_new_tokens=8, batch_size=1)
+        assert "Paris" in generation.completion, generation.completion
+    finally:
+        loaded.close()

@@ -99,6 +99,29 @@ def test_bad_files_fail_with_the_line(lines: list[object], message: str, tmp_pat
         load_prompt_set(path)
 
 
+def test_encodings(tmp_path: Path) -> None:
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes("\ufeff".encode() + json.dumps({"prompt": "Hi there", "label": "harmless"}).encode() + b"\n")
+    assert load_prompt_set(bom).records[0].prompt == "Hi there"
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(json.dumps({"prompt": "caf\u00e9", "label": "harmless"}, ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_prompt_set(latin)
+
+
+def test_partly_paired_file(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "partial.jsonl",
+        [
+            {"prompt": "a", "label": "harmful", "pair_id": "p1"},
+            {"prompt": "b", "label": "harmless", "pair_id": "p1"},
+            {"prompt": "c", "label": "harmless"},
+        ],
+    )
+    with pytest.raises(ConfigError, match=r"lines \[3\] do not; give every line a pair_id, or none"):
+        load_prompt_set(path)
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist; set prompts.path"):
         load_prompt_set(tmp_path / "absent.jsonl")

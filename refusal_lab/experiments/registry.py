@@ -36,7 +36,6 @@ class ExperimentSpec:
     name: str
     run: ExperimentFn
     needs_pairs: bool
-    summary: str
 
 
 _EXPERIMENTS: dict[str, ExperimentSpec] = {}
@@ -46,8 +45,7 @@ def register_experiment(name: str, *, needs_pairs: bool = False) -> Callable[[Ex
     def decorate(fn: ExperimentFn) -> ExperimentFn:
         if name in _EXPERIMENTS:
             raise ValueError(f"experiment {name!r} is registered twice")
-        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        _EXPERIMENTS[name] = ExperimentSpec(name, fn, needs_pairs, summary)
+        _EXPERIMENTS[name] = ExperimentSpec(name, fn, needs_pairs)
         return fn
 
     return decorate

@@ -1,4 +1,4 @@
-"""Judges decide whether a completion is a refusal; looked up by name (``experiment.judge.name``).
+"""Judges decide whether a completion is a refusal; looked up by name (the top-level ``judge.name`` key).
 
 The substring judge is the refusal-direction literature's default: cheap, transparent, and known
 to miss refusals that open with partial compliance. Its phrase list is part of every result.

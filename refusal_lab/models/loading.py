@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,16 @@ from refusal_lab.models.sources import ModelSource, resolve_source
 log = logging.getLogger(__name__)
 
 
+class _DropInt8CastNotice(logging.Filter):
+    """bitsandbytes logs its int8 fp16-cast notice on every quantized matmul: thousands per run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "inputs will be cast from" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropInt8CastNotice())
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
@@ -31,24 +39,25 @@ class LoadedModel:
     precision: Precision
     name: str
     load_seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         """What a results file records about the model: enough to load the same one again."""
-        devices = sorted({str(p.device) for p in self.model.parameters()})
         return {
             "name": self.name,
             "source": self.source.kind,
             "location": self.source.description,
             "revision": self.source.revision,
+            "commit": getattr(self.model.config, "_commit_hash", None),
             **self.precision.describe(),
-            "devices": devices,
+            "devices": self.devices(),
             "memory_footprint_mb": round(self.model.get_memory_footprint() / 2**20, 1),
             "n_parameters": sum(p.numel() for p in self.model.parameters()),
             "load_seconds": round(self.load_seconds, 2),
             **self.adapter.describe(),
-            **self.extra,
         }
+
+    def devices(self) -> list[str]:
+        return sorted({str(p.device) for p in self.model.parameters()})
 
     def close(self) -> None:
         """Free the weights; the basic multirun launcher runs every job in one process."""
@@ -64,6 +73,8 @@ def resolve_device_map(device_map: Any) -> tuple[Any, str]:
 
     ``auto`` means every visible GPU (accelerate spreads a large model over them) or the CPU.
     """
+    if isinstance(device_map, int):  # a bare GPU index
+        device_map = f"cuda:{device_map}"
     if device_map in (None, "auto"):
         return ("auto", "cuda") if torch.cuda.is_available() else ({"": "cpu"}, "cpu")
     if isinstance(device_map, str):
@@ -98,47 +109,52 @@ def load_tokenizer(source: ModelSource, model_cfg: Any) -> PreTrainedTokenizerBa
     return tokenizer
 
 
-def load_model(model_cfg: Any, quant_cfg: Any, cache_dir: str | Path) -> LoadedModel:
-    """Load ``model`` at precision ``quant``; every check that can fail fast runs first."""
+@dataclass(frozen=True)
+class ModelPlan:
+    """Everything about a model short of its weights: what can be checked in seconds."""
+
+    source: ModelSource
+    tokenizer: PreTrainedTokenizerBase
+    precision: Precision
+    device_map: Any
+
+
+def plan_model(model_cfg: Any, quant_cfg: Any, cache_dir: str | Path) -> ModelPlan:
+    """Device, precision, source and tokenizer, in order of cost; any can stop the run."""
     device_map, device_kind = resolve_device_map(model_cfg.get("device_map", "auto"))
     precision = resolve_precision(quant_cfg, device_kind)
     source = resolve_source(model_cfg, cache_dir)
-    tokenizer = load_tokenizer(source, model_cfg)
-    return load_weights(model_cfg, source, tokenizer, precision, device_map)
+    return ModelPlan(source, load_tokenizer(source, model_cfg), precision, device_map)
 
 
-def load_weights(
-    model_cfg: Any,
-    source: ModelSource,
-    tokenizer: PreTrainedTokenizerBase,
-    precision: Precision,
-    device_map: Any,
-) -> LoadedModel:
+def load_model(model_cfg: Any, quant_cfg: Any, cache_dir: str | Path) -> LoadedModel:
+    """Load ``model`` at precision ``quant``."""
+    return load_weights(model_cfg, plan_model(model_cfg, quant_cfg, cache_dir))
+
+
+def load_weights(model_cfg: Any, plan: ModelPlan) -> LoadedModel:
+    source, precision = plan.source, plan.precision
     started = time.perf_counter()
     kwargs = precision.from_pretrained_kwargs()
     if model_cfg.get("max_memory"):
         kwargs["max_memory"] = dict(model_cfg.max_memory)
-    with warnings.catch_warnings():
-        # bitsandbytes' CPU int8 path warns on every matmul that it casts to fp16; said once below.
-        warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                source.location,
-                revision=source.revision,
-                device_map=device_map,
-                trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
-                token=os.environ.get("HF_TOKEN") or None,
-                **kwargs,
-            )
-        except OSError as error:
-            raise ConfigError(f"could not load {source.description}: {error}") from error
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.location,
+            revision=source.revision,
+            device_map=plan.device_map,
+            trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
+            **kwargs,
+        )
+    except OSError as error:
+        raise ConfigError(f"could not load {source.description}: {error}") from error
     model.eval()
     model.requires_grad_(False)
     if precision.bits == 8 and precision.dtype == torch.float32:
-        log.info("bitsandbytes int8: activations are cast to fp16 inside each quantized matmul")
+        log.info("bitsandbytes int8: activations are cast to fp16 inside each quantized matmul (its per-matmul notice is silenced)")
     loaded = LoadedModel(
         model=model,
-        tokenizer=tokenizer,
+        tokenizer=plan.tokenizer,
         adapter=adapter_for(model),
         source=source,
         precision=precision,
@@ -151,6 +167,6 @@ def load_weights(
         precision.name,
         loaded.load_seconds,
         model.get_memory_footprint() / 2**20,
-        ", ".join(sorted({str(p.device) for p in model.parameters()})),
+        ", ".join(loaded.devices()),
     )
     return loaded

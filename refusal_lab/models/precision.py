@@ -59,7 +59,7 @@ def resolve_precision(quant_cfg: Any, device_kind: str) -> Precision:
     dtype = _dtype(quant_cfg.get("dtype", "float32"), device_kind, "quant.dtype")
     compute = _dtype(quant_cfg.get("compute_dtype"), device_kind, "quant.compute_dtype") if bits == 4 else None
     for used in (dtype, compute):
-        if used == torch.bfloat16 and device_kind == "cuda" and not torch.cuda.is_bf16_supported():
+        if used == torch.bfloat16 and device_kind == "cuda" and not _native_bf16():
             raise ConfigError(f"quant={quant_cfg.name}: this GPU has no bfloat16 support; use quant=fp16")
     if bits is not None:
         if importlib.util.find_spec("bitsandbytes") is None:
@@ -76,12 +76,17 @@ def resolve_precision(quant_cfg: Any, device_kind: str) -> Precision:
     )
 
 
+def _native_bf16() -> bool:
+    # Emulated bf16 (pre-Ampere GPUs) is slow and not what a user asking for bf16 means.
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def _dtype(name: Any, device_kind: str, key: str) -> torch.dtype:
     if name in (None, "auto"):
         # CPU kernels are fastest and exact in fp32; GPUs want half precision for speed and memory.
         if device_kind != "cuda":
             return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if _native_bf16() else torch.float16
     if name not in _DTYPES:
         raise ConfigError(f"{key}={name!r} is not a dtype; use one of {', '.join(_DTYPES)} or auto")
     return _DTYPES[name]

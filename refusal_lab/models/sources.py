@@ -7,6 +7,7 @@ precision) reads a plain Hugging Face folder in about a second.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -23,6 +24,8 @@ from refusal_lab.errors import ConfigError
 log = logging.getLogger(__name__)
 
 _COMPLETE = "refusal_lab_source.json"
+# Bump when the way a copy is built changes, so old copies are never served.
+_COPY_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -99,8 +102,13 @@ def _gguf_source(gguf_path: Path, cache_dir: str | Path, kind: str) -> ModelSour
 
 
 def dequantized_copy(gguf_path: Path, cache_dir: Path) -> Path:
-    """An fp32 safetensors copy of a GGUF model, built once and keyed by the file's content hash."""
-    digest = _sha256(gguf_path)[:16]
+    """An fp32 safetensors copy of a GGUF model, built once.
+
+    The key covers the file (path, size, modification time) and the converter (transformers and
+    gguf versions, the copy format), so a replaced file or an upgraded converter builds anew, and
+    a multi-GB file is not hashed on every run.
+    """
+    digest = _cache_key(gguf_path)
     folder = cache_dir / "models" / f"{gguf_path.stem}-{digest}"
     if (folder / _COMPLETE).is_file():
         return folder
@@ -114,24 +122,42 @@ def dequantized_copy(gguf_path: Path, cache_dir: Path) -> Path:
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    if folder.exists():  # left by a build that died before its manifest was written
-        shutil.rmtree(folder, ignore_errors=True)
     # Build beside the target and rename, so a crash or a parallel job never leaves half a model.
     staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        manifest = {"gguf_file": str(gguf_path), "sha256_prefix": digest, "built_s": round(time.perf_counter() - started, 1)}
+        manifest = {
+            "gguf_file": str(gguf_path),
+            "gguf_sha256": _sha256(gguf_path),
+            "key": digest,
+            "converter": _converter_versions(),
+            "built_s": round(time.perf_counter() - started, 1),
+        }
         (staging / _COMPLETE).write_text(json.dumps(manifest, indent=2))
         try:
-            os.replace(staging, folder)
-        except OSError:  # another job finished first; its copy is identical
+            os.replace(staging, folder)  # atomic: the folder appears whole, manifest included
+        except OSError:  # a parallel job renamed its identical copy into place first
             pass
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     del model
+    if not (folder / _COMPLETE).is_file():
+        raise ConfigError(f"{folder} exists but is not a finished copy; delete it and run again")
     log.info("De-quantized copy ready at %s (%.1f s)", folder, time.perf_counter() - started)
     return folder
+
+
+def _cache_key(gguf_path: Path) -> str:
+    stat = gguf_path.stat()
+    identity = json.dumps(
+        [str(gguf_path.resolve()), stat.st_size, stat.st_mtime_ns, _converter_versions(), _COPY_FORMAT]
+    )
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def _converter_versions() -> dict[str, str]:
+    return {name: importlib.metadata.version(name) for name in ("transformers", "gguf")}
 
 
 def _sha256(path: Path) -> str:

@@ -44,9 +44,6 @@ class PromptSet:
     def __len__(self) -> int:
         return len(self.records)
 
-    def by_label(self, label: str) -> list[PromptRecord]:
-        return [r for r in self.records if r.label == label]
-
     @property
     def categories(self) -> list[str]:
         return sorted({r.category for r in self.records})
@@ -133,13 +130,23 @@ def load_prompt_set(path: str | Path, name: str | None = None) -> PromptSet:
     if not path.is_file():
         raise ConfigError(f"prompt file {path} does not exist; set prompts.path to a JSONL file")
     raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # tolerate the byte-order mark some editors write
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {error.start}); save it as UTF-8") from error
     records = []
-    for number, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         records.append(_parse_line(line, number, path))
     if not records:
         raise ConfigError(f"prompt file {path} holds no prompts; one JSON object per line is expected")
+    unpaired = [r.line for r in records if not r.pair_id]
+    if unpaired and len(unpaired) < len(records):
+        raise ConfigError(
+            f"{path}: some lines have a pair_id and lines {unpaired[:5]}{'...' if len(unpaired) > 5 else ''} do not; "
+            "give every line a pair_id, or none"
+        )
     prompt_set = PromptSet(name or path.stem, path, hashlib.sha256(raw).hexdigest(), tuple(records))
     if any(r.pair_id for r in records):
         prompt_set.pairs()  # a broken pair is an error in the file, whichever experiment reads it

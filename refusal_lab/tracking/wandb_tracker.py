@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from refusal_lab.config import redact_secrets
 from refusal_lab.errors import ConfigError
 from refusal_lab.experiments.registry import ExperimentResult
 from refusal_lab.tracking.results import ResultFiles
@@ -30,7 +31,7 @@ class JobInfo:
     output_dir: Path
     sweep_name: str | None = None  # shared by every job of one multirun
     job_num: int | None = None
-    override_dirname: str | None = None
+    overrides: list[str] | None = None  # the command line's overrides, secrets redacted
 
 
 class NullTracker:
@@ -101,7 +102,7 @@ class WandbTracker:
             for name, rows in result.tables.items():
                 if rows:
                     columns = list(rows[0])
-                    data = [[_cell(row.get(c)) for c in columns] for row in rows]
+                    data = [[_cell(row.get(c)) for c in columns] for row in redact_secrets(rows)]
                     self.run.log({f"{self.experiment}/{name}": wandb.Table(columns=columns, data=data)})
             artifact = wandb.Artifact(f"{self.experiment}-results", type="results")
             artifact.add_file(str(files.results))
