@@ -94,6 +94,14 @@ def test_multirun_over_precisions_shares_one_wandb_group(embedded_model_dir: Pat
     assert groups == {f"{tmp_path.name}_multirun"}, "all jobs of one sweep share one W&B group"
 
 
+def test_a_bad_job_fails_alone_in_a_multirun(embedded_model_dir: Path, tmp_path: Path) -> None:
+    out = run_cli(["-m", "prompts.split=nope,test", "debug=default", "logger=none"], tmp_path)
+    assert out.returncode == 1
+    assert "prompts.split='nope' is not one of train, val, test" in out.stderr
+    finished = list((tmp_path / "multirun").glob("*/results/baseline.json"))
+    assert [p.parent.parent.name for p in finished] == ["1_debug=default,logger=none,prompts.split=test"]
+
+
 def test_8bit_run_records_its_precision(embedded_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = compose_config(["quant=8bit", "debug=default"], tmp_path)
     document = run(cfg)
