@@ -90,3 +90,13 @@ def test_secrets_never_survive_plain_config(tmp_path: Path, monkeypatch: pytest.
     assert redact_overrides(["quant=4bit", "+model.hub_token=abc", "logger.api_key=xyz", "model.path=/x/hf_sentinel_value_123"]) == [
         "quant=4bit", f"+model.hub_token={REDACTED}", f"logger.api_key={REDACTED}", f"model.path=/x/{REDACTED}"
     ]
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    setup = readme.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    commands = [block.split("```", 1)[0].strip() for block in setup.split("```bash\n")[1:]]
+    assert len(commands) == 2, "the README's set-up holds exactly two commands"
+    main_command, test_command = commands
+    assert main_command.endswith("python -m refusal_lab") and test_command.endswith("python -m pytest")
+    assert test_command in (PROJECT_ROOT / ".ci" / "run").read_text()

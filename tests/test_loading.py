@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -174,3 +175,15 @@ def test_cuda_precisions(quant: str, embedded_model_dir: Path, cache_dir: Path, 
         assert "Paris" in generation.completion, generation.completion
     finally:
         loaded.close()
+
+
+def test_cache_key_follows_the_file(tmp_path: Path) -> None:
+    from refusal_lab.models.sources import _cache_key
+
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF" + bytes(64))
+    before = _cache_key(path)
+    assert _cache_key(path) == before
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a replaced file
+    assert _cache_key(path) != before
