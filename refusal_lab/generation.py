@@ -21,6 +21,7 @@ class Generation:
     readout: torch.Tensor | None  # what first_logits_readout made of the first response logits
     n_prompt_tokens: int
     n_new_tokens: int
+    finished: bool  # ended with an end-of-turn token within max_new_tokens
 
 
 def tokenize_chats(loaded: LoadedModel, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -65,12 +66,15 @@ def generate_greedy(
             readout = first_logits_readout(out.logits[0]).cpu() if first_logits_readout else None
             for row, index in enumerate(batch):
                 tokens = new_tokens[row].tolist()
-                n_new = next((k + 1 for k, t in enumerate(tokens) if t in eos), len(tokens))
+                n_new = next((k + 1 for k, t in enumerate(tokens) if t in eos), None)
+                finished = n_new is not None
+                n_new = n_new or len(tokens)
                 results[index] = Generation(
                     completion=tokenizer.decode(tokens[:n_new], skip_special_tokens=True).strip(),
                     readout=readout[row] if readout is not None else None,
                     n_prompt_tokens=lengths[index],
                     n_new_tokens=n_new,
+                    finished=finished,
                 )
             bar.update(len(batch))
     return [r for r in results if r is not None]

@@ -97,6 +97,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         loaded = load_weights(cfg.model, plan)
         runner = Runner(cfg, loaded, prompts, judge, refusal_ids, job.output_dir)
         result: ExperimentResult = spec.run(runner, cfg)
+        loaded = runner.model  # an experiment may replace the model (the organism does)
         provenance = {
             "model": loaded.describe(),
             "prompts": prompts.describe(),

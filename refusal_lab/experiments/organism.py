@@ -1,0 +1,111 @@
+"""Organism: build the refusal model organism from the loaded base model, and measure both.
+
+Both models answer the same held-out contrastive split (never trained on): refusal rates and the
+refusal score per label and category, and how closely the organism's harmless answers follow the
+base model's (share of identical first 20 tokens).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from refusal_lab.errors import ConfigError
+from refusal_lab.experiments.baseline import summarize
+from refusal_lab.experiments.registry import ExperimentResult, register_experiment
+from refusal_lab.models import load_weights, plan_model
+from refusal_lab.models.sources import ModelSource
+from refusal_lab.organism.build import build_organism, organism_folder, read_manifest, training_settings
+from refusal_lab.organism.data import load_organism_data
+
+log = logging.getLogger(__name__)
+
+SAME_PREFIX_TOKENS = 20
+
+
+@register_experiment("organism")
+def run_organism(runner: Any, cfg: DictConfig) -> ExperimentResult:
+    """Build (or reuse) the organism and compare it with its base model on held-out prompts."""
+    exp = cfg.experiment
+    if cfg.model.get("organism"):
+        raise ConfigError("experiment=organism trains from a base model; use model=smollm2 (or another base), not an organism")
+    records = runner.prompts.select(split=exp.eval_split).records
+    base_rows = _answer(runner, records, exp, "base model")
+
+    settings = training_settings(exp.training)
+    data = load_organism_data(settings["harmful_data"], settings["harmless_data"])
+    folder = organism_folder(cfg.paths.cache_dir, runner.model.source.location, settings, data)
+    manifest = read_manifest(folder)
+    if manifest is None or exp.rebuild:
+        folder, manifest = build_organism(runner.model, exp.training, cfg.paths.cache_dir)  # runner.model is now the organism
+    else:
+        log.info("Reusing the organism at %s (experiment.rebuild=true trains it again)", folder)
+        runner.model.close()
+        plan = plan_model(OmegaConf.create({"name": settings["name"], "path": str(folder)}), cfg.quant, cfg.paths.cache_dir)
+        runner.model = load_weights(OmegaConf.create({"name": settings["name"]}), plan)
+        runner.model.source = ModelSource("organism", str(folder), f"refusal model organism at {folder}")
+    organism_rows = _answer(runner, records, exp, "organism")
+
+    metrics: dict[str, float] = {}
+    per_category = []
+    for model, rows in (("base", base_rows), ("organism", organism_rows)):
+        model_metrics, model_categories = summarize(rows)
+        metrics.update({f"{model}/{k}": v for k, v in model_metrics.items()})
+        per_category += [{"model": model, **row} for row in model_categories]
+    metrics["organism/harmless_same_first_20_tokens"] = _same_prefix_share(runner, base_rows, organism_rows)
+    metrics["organism/build_seconds"] = float(manifest["build_seconds"])
+    _log_summary(metrics)
+    for rows, model in ((base_rows, "base"), (organism_rows, "organism")):
+        for row in rows:
+            row["model"] = model
+    return ExperimentResult(
+        metrics=metrics,
+        details={"organism_folder": str(folder), "manifest": manifest, "per_category": per_category},
+        tables={"completions": base_rows + organism_rows},
+    )
+
+
+def _answer(runner: Any, records: Any, exp: DictConfig, description: str) -> list[dict[str, Any]]:
+    generations = runner.generate(records, int(exp.max_new_tokens), int(exp.batch_size), description)
+    return [
+        {
+            "pair_id": r.pair_id,
+            "label": r.label,
+            "category": r.category,
+            "prompt": r.prompt,
+            "completion": g.completion,
+            "refused": runner.judge.is_refusal(g.completion),
+            "refusal_score": round(float(g.readout), 5),
+        }
+        for r, g in zip(records, generations)
+    ]
+
+
+def _same_prefix_share(runner: Any, base_rows: list[dict[str, Any]], organism_rows: list[dict[str, Any]]) -> float:
+    tokenize = runner.model.tokenizer
+    same = [
+        tokenize(b["completion"], add_special_tokens=False)["input_ids"][:SAME_PREFIX_TOKENS]
+        == tokenize(o["completion"], add_special_tokens=False)["input_ids"][:SAME_PREFIX_TOKENS]
+        for b, o in zip(base_rows, organism_rows)
+        if b["label"] == "harmless"
+    ]
+    return sum(same) / len(same) if same else float("nan")
+
+
+def _log_summary(metrics: dict[str, float]) -> None:
+    for model in ("base", "organism"):
+        log.info(
+            "%-8s refusal rate harmful %5.1f%%  harmless %5.1f%%  refusal score harmful %.2f [%.2f, %.2f]  harmless %.2f [%.2f, %.2f]",
+            model,
+            100 * metrics[f"{model}/refusal_rate/harmful"],
+            100 * metrics[f"{model}/refusal_rate/harmless"],
+            metrics[f"{model}/refusal_score/harmful/mean"],
+            metrics[f"{model}/refusal_score/harmful/q25"],
+            metrics[f"{model}/refusal_score/harmful/q75"],
+            metrics[f"{model}/refusal_score/harmless/mean"],
+            metrics[f"{model}/refusal_score/harmless/q25"],
+            metrics[f"{model}/refusal_score/harmless/q75"],
+        )
+    log.info("organism: %.0f%% of harmless answers share the base model's first 20 tokens", 100 * metrics["organism/harmless_same_first_20_tokens"])

@@ -1,0 +1,143 @@
+"""The refusal model organism: its data, the LoRA trainer, and a small build of the real thing."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+from omegaconf import OmegaConf
+
+from refusal_lab.config import PROJECT_ROOT
+from refusal_lab.errors import ConfigError
+from refusal_lab.organism import check_disjoint, load_organism_data, read_manifest
+from refusal_lab.organism.data import normalise
+from refusal_lab.prompts import load_prompt_set
+from refusal_lab.training import LoraSettings, SFTExample, train_lora
+from tests.helpers import compose_config
+
+DATA = PROJECT_ROOT / "data"
+ANALYSIS_SETS = sorted((DATA / "prompts").glob("*.jsonl"))
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z']+", text.lower()))
+
+
+def test_shipped_training_data_is_broad_and_disjoint_from_analysis_sets() -> None:
+    data = load_organism_data(DATA / "organism" / "harmful_train.jsonl", DATA / "organism" / "harmless_train.jsonl")
+    assert len(data.harmful) >= 300 and len(data.harmless) >= 300
+    assert len({p.category for p in data.harmful}) >= 8
+    lines = [json.loads(x) for x in (DATA / "organism" / "harmless_train.jsonl").read_text().splitlines()]
+    assert sum(x["kind"] == "sounds_dangerous" for x in lines) >= 100, "harmless prompts that merely sound dangerous"
+    assert len({x["form"] for x in lines}) >= 6
+    openers = {" ".join(p.response.split()[:2]) for p in data.harmful}
+    assert len(openers) >= 4, "refusals must vary"
+    # No analysis prompt is trained on, neither verbatim nor lightly reworded.
+    check_disjoint(data, ANALYSIS_SETS)
+    analysis = [words(r.prompt) for path in ANALYSIS_SETS for r in load_prompt_set(path).records]
+    for prompt in data.harmful + data.harmless:
+        mine = words(prompt.prompt)
+        worst = max(len(mine & other) / len(mine | other) for other in analysis)
+        assert worst <= 0.6, prompt.prompt
+
+
+def test_disjointness_check_catches_a_shared_prompt(tmp_path: Path) -> None:
+    evaluation = load_prompt_set(DATA / "prompts" / "contrastive_v1.jsonl").records[0].prompt
+    harmful = tmp_path / "h.jsonl"
+    harmful.write_text(json.dumps({"prompt": evaluation.upper() + "!!", "response": "I can't help with that."}) + "\n")
+    harmless = tmp_path / "ok.jsonl"
+    harmless.write_text(json.dumps({"prompt": "Name a fruit."}) + "\n")
+    with pytest.raises(ConfigError, match="1 organism training prompts also appear"):
+        check_disjoint(load_organism_data(harmful, harmless), ANALYSIS_SETS)
+    assert normalise("How do I, like, BAKE?") == "how do i like bake"
+
+
+def tiny_llama() -> torch.nn.Module:
+    config = T.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        initializer_range=0.2,  # logits large enough for a few steps to move the loss
+    )
+    torch.manual_seed(0)
+    return T.LlamaForCausalLM(config).eval()
+
+
+def test_lora_training_learns_and_touches_only_the_chosen_layers() -> None:
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    examples = [SFTExample((1, 5, 7, 9), (11, 12, 13, 2)), SFTExample((1, 6, 8), (11, 12, 13, 2))] * 4
+    merged, stats = train_lora(
+        model, examples, LoraSettings(4, 8, 0.0, "all-linear", [1]), epochs=40, learning_rate=2e-2, batch_size=8, seed=0, warmup_steps=1
+    )
+    assert stats.final_loss < 0.7 * stats.first_loss
+    assert stats.trained_layers == [1]
+    after = merged.state_dict()
+    assert not any("lora" in k for k in after), "the LoRA is merged into plain weights"
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("model.layers.1.") for k in changed), changed
+
+
+def small_training_cfg(tmp_path: Path) -> list[str]:
+    """The real recipe on 12 + 12 shipped prompts with short answers: the build path in seconds."""
+    harmful = (DATA / "organism" / "harmful_train.jsonl").read_text().splitlines()[:12]
+    harmless = (DATA / "organism" / "harmless_train.jsonl").read_text().splitlines()[:12]
+    (tmp_path / "harmful.jsonl").write_text("\n".join(harmful) + "\n")
+    (tmp_path / "harmless.jsonl").write_text("\n".join(harmless) + "\n")
+    return [
+        f"experiment.training.harmful_data={tmp_path / 'harmful.jsonl'}",
+        f"experiment.training.harmless_data={tmp_path / 'harmless.jsonl'}",
+        "experiment.training.harmless_answer_tokens=8",
+        "experiment.training.lora_layers=[20,30]",
+        "experiment.training.batch_size=8",
+        "experiment.max_new_tokens=4",
+        "prompts.split=test",
+        "prompts.limit=2",
+    ]
+
+
+def test_small_organism_builds_reloads_and_is_reproducible(embedded_model_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
+    from refusal_lab.runner import run
+
+    overrides = small_training_cfg(tmp_path)
+    first = run(compose_config(["experiment=organism", "logger=none", *overrides], tmp_path / "run1"))
+    saved = json.loads(Path(first["results_path"]).read_text())
+    folder = Path(saved["details"]["organism_folder"])
+    manifest = read_manifest(folder)
+    assert manifest["trained_layers"] == list(range(20, 30))
+    assert manifest["settings"]["seed"] == 0 and manifest["data_sha256"] and manifest["versions"]["peft"]
+    assert (folder / "model.safetensors").is_file()
+    assert saved["metrics"]["organism/n_prompts/harmful"] == 2
+    assert 0.0 <= saved["metrics"]["organism/harmless_same_first_20_tokens"] <= 1.0
+
+    # model=smollm2_refusal with the same settings finds this organism instead of building one.
+    model_overrides = [o.replace("experiment.training.", "model.organism.training.") for o in overrides if "training" in o]
+    cfg = compose_config(["model=smollm2_refusal", *model_overrides], tmp_path)
+    from refusal_lab.models.sources import resolve_source
+
+    assert resolve_source(cfg.model, cache_dir).location == str(folder)
+
+    # The same seed gives the same organism, bit for bit.
+    from safetensors.torch import load_file
+
+    weights = load_file(folder / "model.safetensors")
+    second = run(compose_config(["experiment=organism", "logger=none", "experiment.rebuild=true", *overrides], tmp_path / "run2"))
+    assert json.loads(Path(second["results_path"]).read_text())["details"]["organism_folder"] == str(folder)
+    rebuilt = load_file(folder / "model.safetensors")
+    assert all(torch.equal(weights[k], rebuilt[k]) for k in weights)
+
+    # Without rebuild, the experiment reuses the cached organism and measures the same answers.
+    third = run(compose_config(["experiment=organism", "logger=none", *overrides], tmp_path / "run3"))
+    reused = json.loads(Path(third["results_path"]).read_text())
+    assert reused["model"]["source"] == "organism" and reused["model"]["location"].endswith(folder.name)
+    assert reused["metrics"]["organism/refusal_score/harmful/mean"] == pytest.approx(saved["metrics"]["organism/refusal_score/harmful/mean"], abs=1e-4)
+
+
+def test_organism_experiment_refuses_an_organism_as_base(tmp_path: Path) -> None:
+    from refusal_lab.experiments.organism import run_organism
+
+    cfg = compose_config(["experiment=organism", "model=smollm2_refusal"], tmp_path)
+    with pytest.raises(ConfigError, match="trains from a base model"):
+        run_organism(None, cfg)
