@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 
 from refusal_lab.errors import ConfigError
@@ -39,9 +40,7 @@ _FORMAT = 1
 
 def training_settings(training_cfg: Any) -> dict[str, Any]:
     """The settings that decide the organism's weights, as plain data (the cache key's input)."""
-    settings = OmegaConf.to_container(training_cfg, resolve=True) if OmegaConf.is_config(training_cfg) else dict(training_cfg)
-    settings.pop("rebuild", None)  # how to build, not what
-    return settings
+    return OmegaConf.to_container(training_cfg, resolve=True) if OmegaConf.is_config(training_cfg) else dict(training_cfg)
 
 
 def organism_folder(cache_dir: str | Path, base_location: str, settings: dict[str, Any], data: OrganismData) -> Path:
@@ -66,7 +65,7 @@ def build_organism(base: LoadedModel, training_cfg: Any, cache_dir: str | Path) 
     data = load_organism_data(settings["harmful_data"], settings["harmless_data"])
     check_disjoint(data, list(settings.get("disjoint_from") or []))
     folder = organism_folder(cache_dir, base.source.location, settings, data)
-    if base.precision.bits is not None or str(base.precision.dtype) != "torch.float32":
+    if base.precision.bits is not None or base.precision.dtype != torch.float32:
         raise ConfigError(f"the organism is trained in fp32, not {base.precision.name}; drop the quant= override")
     layers = lora_layers(settings.get("lora_layers"), base.adapter.n_layers)
     started = time.perf_counter()
