@@ -10,7 +10,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from refusal_lab.experiments.registry import ExperimentResult, register_experiment
-from refusal_lab.prompts import LABELS
+from refusal_lab.prompts import LABELS, PromptRecord
 
 log = logging.getLogger(__name__)
 
@@ -18,14 +18,20 @@ log = logging.getLogger(__name__)
 @register_experiment("baseline")
 def run_baseline(runner: Any, cfg: DictConfig) -> ExperimentResult:
     """Greedy completions judged for refusal, and the refusal score, per label and category."""
-    records = runner.prompts.records
-    generations = runner.generate(
-        records,
-        max_new_tokens=int(cfg.experiment.max_new_tokens),
-        batch_size=int(cfg.experiment.batch_size),
-        description="baseline",
+    rows = answer_rows(runner, runner.prompts.records, cfg.experiment, "baseline")
+    metrics, per_category = summarize(rows)
+    _log_summary(metrics, per_category)
+    return ExperimentResult(
+        metrics=metrics,
+        details={"per_category": per_category},
+        tables={"completions": rows},
     )
-    rows = [
+
+
+def answer_rows(runner: Any, records: Sequence[PromptRecord], exp: DictConfig, description: str) -> list[dict[str, Any]]:
+    """One row per prompt: its greedy completion, the judge's verdict and the refusal score."""
+    generations = runner.generate(records, int(exp.max_new_tokens), int(exp.batch_size), description)
+    return [
         {
             "index": i,
             "pair_id": record.pair_id,
@@ -40,13 +46,6 @@ def run_baseline(runner: Any, cfg: DictConfig) -> ExperimentResult:
         }
         for i, (record, generation) in enumerate(zip(records, generations))
     ]
-    metrics, per_category = summarize(rows)
-    _log_summary(metrics, per_category)
-    return ExperimentResult(
-        metrics=metrics,
-        details={"per_category": per_category},
-        tables={"completions": rows},
-    )
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, float], list[dict[str, Any]]]:

@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from refusal_lab.errors import ConfigError
-from refusal_lab.experiments.baseline import summarize
+from refusal_lab.experiments.baseline import answer_rows, summarize
 from refusal_lab.experiments.registry import ExperimentResult, register_experiment
 from refusal_lab.models import load_weights, plan_model
 from refusal_lab.models.sources import ModelSource
@@ -32,7 +32,7 @@ def run_organism(runner: Any, cfg: DictConfig) -> ExperimentResult:
     if cfg.model.get("organism"):
         raise ConfigError("experiment=organism trains from a base model; use model=smollm2 (or another base), not an organism")
     records = runner.prompts.select(split=exp.eval_split).records
-    base_rows = _answer(runner, records, exp, "base model")
+    base_rows = answer_rows(runner, records, exp, "base model")
 
     settings = training_settings(exp.training)
     data = load_organism_data(settings["harmful_data"], settings["harmless_data"])
@@ -46,7 +46,7 @@ def run_organism(runner: Any, cfg: DictConfig) -> ExperimentResult:
         plan = plan_model(OmegaConf.create({"name": settings["name"], "path": str(folder)}), cfg.quant, cfg.paths.cache_dir)
         runner.model = load_weights(OmegaConf.create({"name": settings["name"]}), plan)
         runner.model.source = ModelSource("organism", str(folder), f"refusal model organism at {folder}")
-    organism_rows = _answer(runner, records, exp, "organism")
+    organism_rows = answer_rows(runner, records, exp, "organism")
 
     metrics: dict[str, float] = {}
     per_category = []
@@ -65,22 +65,6 @@ def run_organism(runner: Any, cfg: DictConfig) -> ExperimentResult:
         details={"organism_folder": str(folder), "manifest": manifest, "per_category": per_category},
         tables={"completions": base_rows + organism_rows},
     )
-
-
-def _answer(runner: Any, records: Any, exp: DictConfig, description: str) -> list[dict[str, Any]]:
-    generations = runner.generate(records, int(exp.max_new_tokens), int(exp.batch_size), description)
-    return [
-        {
-            "pair_id": r.pair_id,
-            "label": r.label,
-            "category": r.category,
-            "prompt": r.prompt,
-            "completion": g.completion,
-            "refused": runner.judge.is_refusal(g.completion),
-            "refusal_score": round(float(g.readout), 5),
-        }
-        for r, g in zip(records, generations)
-    ]
 
 
 def _same_prefix_share(runner: Any, base_rows: list[dict[str, Any]], organism_rows: list[dict[str, Any]]) -> float:
