@@ -16,9 +16,7 @@ from refusal_lab.errors import ConfigError
 from refusal_lab.experiments.baseline import answer_rows, summarize
 from refusal_lab.experiments.registry import ExperimentResult, register_experiment
 from refusal_lab.models import load_weights, plan_model
-from refusal_lab.models.sources import ModelSource
-from refusal_lab.organism.build import build_organism, organism_folder, read_manifest, training_settings
-from refusal_lab.organism.data import load_organism_data
+from refusal_lab.organism.build import build_organism, folder_for, organism_source, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +32,17 @@ def run_organism(runner: Any, cfg: DictConfig) -> ExperimentResult:
     records = runner.prompts.select(split=exp.eval_split).records
     base_rows = answer_rows(runner, records, exp, "base model")
 
-    settings = training_settings(exp.training)
-    data = load_organism_data(settings["harmful_data"], settings["harmless_data"])
-    folder = organism_folder(cfg.paths.cache_dir, runner.model.source.location, settings, data)
+    name = str(exp.training.name)
+    folder = folder_for(exp.training, runner.model.source.location, cfg.paths.cache_dir)
     manifest = read_manifest(folder)
     if manifest is None or exp.rebuild:
         folder, manifest = build_organism(runner.model, exp.training, cfg.paths.cache_dir)  # runner.model is now the organism
     else:
         log.info("Reusing the organism at %s (experiment.rebuild=true trains it again)", folder)
         runner.model.close()
-        plan = plan_model(OmegaConf.create({"name": settings["name"], "path": str(folder)}), cfg.quant, cfg.paths.cache_dir)
-        runner.model = load_weights(OmegaConf.create({"name": settings["name"]}), plan)
-        runner.model.source = ModelSource("organism", str(folder), f"refusal model organism at {folder}")
+        plan = plan_model(OmegaConf.create({"name": name, "path": str(folder)}), cfg.quant, cfg.paths.cache_dir)
+        runner.model = load_weights(OmegaConf.create({"name": name}), plan)
+        runner.model.source = organism_source(folder)
     organism_rows = answer_rows(runner, records, exp, "organism")
 
     metrics: dict[str, float] = {}
@@ -54,7 +51,7 @@ def run_organism(runner: Any, cfg: DictConfig) -> ExperimentResult:
         model_metrics, model_categories = summarize(rows)
         metrics.update({f"{model}/{k}": v for k, v in model_metrics.items()})
         per_category += [{"model": model, **row} for row in model_categories]
-    metrics["organism/harmless_same_first_20_tokens"] = _same_prefix_share(runner, base_rows, organism_rows)
+    metrics[f"organism/harmless_same_first_{SAME_PREFIX_TOKENS}_tokens"] = _same_prefix_share(runner, base_rows, organism_rows)
     metrics["organism/build_seconds"] = float(manifest["build_seconds"])
     _log_summary(metrics)
     for rows, model in ((base_rows, "base"), (organism_rows, "organism")):
@@ -92,4 +89,8 @@ def _log_summary(metrics: dict[str, float]) -> None:
             metrics[f"{model}/refusal_score/harmless/q25"],
             metrics[f"{model}/refusal_score/harmless/q75"],
         )
-    log.info("organism: %.0f%% of harmless answers share the base model's first 20 tokens", 100 * metrics["organism/harmless_same_first_20_tokens"])
+    log.info(
+        "organism: %.0f%% of harmless answers share the base model's first %d tokens",
+        100 * metrics[f"organism/harmless_same_first_{SAME_PREFIX_TOKENS}_tokens"],
+        SAME_PREFIX_TOKENS,
+    )

@@ -46,10 +46,9 @@ def resolve_source(model_cfg: Any, cache_dir: str | Path) -> ModelSource:
     """
     gguf_name = model_cfg.get("gguf_file")
     if model_cfg.get("organism") and not model_cfg.get("path"):
-        from refusal_lab.organism import ensure_organism  # the organism is built with this module
+        from refusal_lab.organism.build import ensure_organism, organism_source  # it loads its base with this module
 
-        folder = ensure_organism(model_cfg.organism, cache_dir)
-        return ModelSource("organism", str(folder), f"refusal model organism at {folder}")
+        return organism_source(ensure_organism(model_cfg.organism, cache_dir))
     if model_cfg.get("path"):
         path = Path(str(model_cfg.path)).expanduser()
         if not path.exists():

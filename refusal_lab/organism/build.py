@@ -49,6 +49,18 @@ def organism_folder(cache_dir: str | Path, base_location: str, settings: dict[st
     return Path(cache_dir) / "organisms" / f"{settings.get('name', 'organism')}-{key}"
 
 
+def organism_source(folder: Path) -> ModelSource:
+    """How results name an organism's weights."""
+    return ModelSource("organism", str(folder), f"refusal model organism at {folder}")
+
+
+def folder_for(training_cfg: Any, base_location: str, cache_dir: str | Path) -> Path:
+    """Where the organism trained with ``training_cfg`` from the weights at ``base_location`` lives."""
+    settings = training_settings(training_cfg)
+    data = load_organism_data(settings["harmful_data"], settings["harmless_data"])
+    return organism_folder(cache_dir, base_location, settings, data)
+
+
 def lora_layers(setting: Any, n_layers: int) -> list[int] | None:
     """``[first, stop)`` as in Python's range, or null for every layer."""
     if setting is None:
@@ -119,7 +131,7 @@ def build_organism(base: LoadedModel, training_cfg: Any, cache_dir: str | Path) 
     # ``base`` now holds the organism: say so wherever it is described.
     base.model = model
     base.name = str(settings["name"])
-    base.source = ModelSource("organism", str(folder), f"refusal model organism at {folder}")
+    base.source = organism_source(folder)
     log.info("Organism saved at %s (%.0f s)", folder, manifest["build_seconds"])
     return folder, manifest
 
@@ -166,10 +178,7 @@ FP32 = {"name": "fp32", "dtype": "float32", "bits": None}
 
 def expected_folder(organism_cfg: Any, cache_dir: str | Path) -> Path:
     """Where the organism described by ``model.organism`` lives, without loading anything."""
-    settings = training_settings(organism_cfg.training)
-    data = load_organism_data(settings["harmful_data"], settings["harmless_data"])
-    base_location = resolve_source(organism_cfg.base, cache_dir).location
-    return organism_folder(cache_dir, base_location, settings, data)
+    return folder_for(organism_cfg.training, resolve_source(organism_cfg.base, cache_dir).location, cache_dir)
 
 
 def ensure_organism(organism_cfg: Any, cache_dir: str | Path) -> Path:
