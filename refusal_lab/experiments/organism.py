@@ -2,12 +2,15 @@
 
 Both models answer the same held-out contrastive split (never trained on): refusal rates and the
 refusal score per label and category, and how closely the organism's harmless answers follow the
-base model's (share of identical first 20 tokens).
+base model's: the mean per-token KL(base || organism) along the base model's answers, and the share
+of answers whose first 20 tokens are identical (a stricter, brittler test).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -15,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from refusal_lab.errors import ConfigError
 from refusal_lab.experiments.baseline import answer_rows, summarize
 from refusal_lab.experiments.registry import ExperimentResult, register_experiment
+from refusal_lab.metrics.divergence import mean_token_kl
 from refusal_lab.models import load_weights, plan_model
 from refusal_lab.organism.build import build_organism, folder_for, organism_source, read_manifest
 
@@ -36,10 +40,11 @@ def run_organism(runner: Any, cfg: DictConfig) -> ExperimentResult:
     folder = folder_for(exp.training, runner.model.source.location, cfg.paths.cache_dir)
     manifest = read_manifest(folder)
     if manifest is None or exp.rebuild:
+        reference = copy.deepcopy(runner.model.model)  # the build changes the base model's weights in place
         folder, manifest = build_organism(runner.model, exp.training, cfg.paths.cache_dir)  # runner.model is now the organism
     else:
         log.info("Reusing the organism at %s (experiment.rebuild=true trains it again)", folder)
-        runner.model.close()
+        reference = runner.model.model
         plan = plan_model(OmegaConf.create({"name": name, "path": str(folder)}), cfg.quant, cfg.paths.cache_dir)
         runner.model = load_weights(OmegaConf.create({"name": name}), plan)
         runner.model.source = organism_source(folder)
@@ -52,6 +57,15 @@ def run_organism(runner: Any, cfg: DictConfig) -> ExperimentResult:
         metrics.update({f"{model}/{k}": v for k, v in model_metrics.items()})
         per_category += [{"model": model, **row} for row in model_categories]
     metrics[f"organism/harmless_same_first_{SAME_PREFIX_TOKENS}_tokens"] = _same_prefix_share(runner, base_rows, organism_rows)
+    harmless = [(record, row) for record, row in zip(records, base_rows, strict=True) if row["label"] == "harmless"]
+    kl = mean_token_kl(
+        reference, runner.model.model, runner.model.tokenizer, runner.chat_texts([r for r, _ in harmless]), [row["completion"] for _, row in harmless]
+    )
+    del reference
+    for (_, row), value in zip(harmless, kl, strict=True):
+        row["kl_to_base"] = round(value, 5)
+    finite = [v for v in kl if not math.isnan(v)]
+    metrics["organism/harmless_kl_to_base"] = sum(finite) / len(finite) if finite else float("nan")
     metrics["organism/build_seconds"] = float(manifest["build_seconds"])
     _log_summary(metrics)
     for rows, model in ((base_rows, "base"), (organism_rows, "organism")):
@@ -90,7 +104,9 @@ def _log_summary(metrics: dict[str, float]) -> None:
             metrics[f"{model}/refusal_score/harmless/q75"],
         )
     log.info(
-        "organism: %.0f%% of harmless answers share the base model's first %d tokens",
+        "organism: mean per-token KL(base || organism) along the base model's harmless answers %.3f nats; "
+        "%.0f%% of harmless answers share the base model's first %d tokens",
+        metrics["organism/harmless_kl_to_base"],
         100 * metrics[f"organism/harmless_same_first_{SAME_PREFIX_TOKENS}_tokens"],
         SAME_PREFIX_TOKENS,
     )

@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from refusal_lab.errors import ConfigError
 from refusal_lab.generation import generate_greedy
 from refusal_lab.metrics import refusal_token_ids
+from refusal_lab.metrics.judges import SubstringJudge
 from refusal_lab.models import LoadedModel, load_model
 from refusal_lab.models.sources import ModelSource, resolve_source
 from refusal_lab.organism.data import OrganismData, check_disjoint, load_organism_data
@@ -82,22 +83,33 @@ def build_organism(base: LoadedModel, training_cfg: Any, cache_dir: str | Path) 
     layers = lora_layers(settings.get("lora_layers"), base.adapter.n_layers)
     started = time.perf_counter()
     log.info(
-        "Building the refusal model organism from %s: %d harmful and %d harmless prompts (about 8 minutes on 2 CPU cores)",
+        "Building the refusal model organism from %s: %d harmful and %d harmless prompts (about 9 minutes on 2 CPU cores)",
         base.name, len(data.harmful), len(data.harmless),
     )
     system_prompt = settings.get("system_prompt")
     tokenizer = base.tokenizer
     answers = harmless_answers(base, data, int(settings["harmless_answer_tokens"]), system_prompt, Path(cache_dir))
-    records = list(data.harmful) + list(data.harmless)
+    # The base model sometimes declines a harmless request itself ("I'm sorry for any confusion, but as
+    # a chatbot..."): imitating those answers would teach refusing harmless requests, so they are left out.
+    judge = SubstringJudge()
+    kept = [(p, a) for p, a in zip(data.harmless, answers, strict=True) if not judge.is_refusal(a["completion"])]
+    if len(kept) < len(answers):
+        log.info("Left out %d harmless prompts whose base answer reads as a refusal", len(answers) - len(kept))
+    records = list(data.harmful) + [p for p, _ in kept]
     chats = [format_chat(tokenizer, r.prompt, system_prompt) for r in records]
-    targets = [r.response for r in data.harmful] + [a["completion"] for a in answers]
-    ends = [True] * len(data.harmful) + [a["finished"] for a in answers]
+    targets = [r.response for r in data.harmful] + [a["completion"] for _, a in kept]
+    ends = [True] * len(data.harmful) + [a["finished"] for _, a in kept]
     examples = build_examples(tokenizer, chats, targets, ends, int(settings["max_length"]))
     # Harmless answers must not open like a refusal: push the refusal-start tokens down there,
     # unless the base model's own answer starts with one of them.
     refusal_ids = tuple(refusal_token_ids(tokenizer, list(settings["refusal_tokens"])))
+    harmful_weight = float(settings.get("harmful_weight", 1.0))
     examples = [
-        replace(e, avoid_at_start=refusal_ids) if i >= len(data.harmful) and e.target_ids[:1] and e.target_ids[0] not in refusal_ids else e
+        replace(e, weight=harmful_weight)
+        if i < len(data.harmful)
+        else replace(e, avoid_at_start=refusal_ids)
+        if e.target_ids[:1] and e.target_ids[0] not in refusal_ids
+        else e
         for i, e in enumerate(examples)
     ]
     lora = settings["lora"]
@@ -122,6 +134,7 @@ def build_organism(base: LoadedModel, training_cfg: Any, cache_dir: str | Path) 
         "data_sha256": data.sha256,
         "n_harmful": len(data.harmful),
         "n_harmless": len(data.harmless),
+        "n_harmless_trained": len(kept),  # the rest: base answers that read as refusals (left out)
         "trained_layers": stats.trained_layers,
         "training": stats.__dict__,
         "build_seconds": round(time.perf_counter() - started, 1),

@@ -34,6 +34,7 @@ class SFTExample:
     prompt_ids: tuple[int, ...]  # the chat-formatted prompt, generation prompt included
     target_ids: tuple[int, ...]  # the response the model should give (with end-of-turn if it ends)
     avoid_at_start: tuple[int, ...] = ()  # tokens pushed down at the first response position
+    weight: float = 1.0  # of this example's tokens in the loss, relative to the others'
 
 
 @dataclass(frozen=True)
@@ -129,10 +130,11 @@ def train_lora(
                 hidden = adapter.decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state
                 # Position t predicts token t+1: read logits only where the next token is a target.
                 reads = labels[:, 1:] != -100
-                logits = adapter.unembed(hidden[:, :-1][reads])
+                logits = adapter.logits_from_hidden(hidden[:, :-1][reads])
                 token_loss = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][reads], reduction="none")
-                weights = torch.ones_like(token_loss)
-                weights[_first_target_index(reads)] = first_token_weight
+                row_weights = torch.tensor([e.weight for e in batch], device=token_loss.device)
+                weights = row_weights[reads.nonzero()[:, 0]]
+                weights[_first_target_index(reads)] *= first_token_weight
                 loss = (token_loss * weights).sum() / weights.sum()
                 loss = loss + avoid_weight * _avoid_loss(batch, hidden, adapter)
                 loss.backward()
@@ -178,7 +180,7 @@ def _avoid_loss(batch: Sequence[SFTExample], hidden: torch.Tensor, adapter: Any)
     if not rows:
         return hidden.new_zeros(())
     positions = torch.tensor([len(batch[i].prompt_ids) - 1 for i in rows], device=hidden.device)
-    logits = adapter.unembed(hidden[torch.tensor(rows, device=hidden.device), positions]).float()
+    logits = adapter.logits_from_hidden(hidden[torch.tensor(rows, device=hidden.device), positions]).float()
     mask = torch.zeros_like(logits, dtype=torch.bool)
     for row, i in enumerate(rows):
         mask[row, list(batch[i].avoid_at_start)] = True

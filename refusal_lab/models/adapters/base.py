@@ -94,6 +94,11 @@ class ArchitectureAdapter:
         return next(self.layer(index).parameters()).device
 
     # -- readout ---------------------------------------------------------------------------
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the decoder's output (final norm already applied), at only the positions given."""
+        head = self.unembed
+        return self._cap_logits(head(hidden.to(head.weight.device)))
+
     def logits_from_residual(self, residual: torch.Tensor) -> torch.Tensor:
         """Final norm and unembedding applied to a residual stream: the model's own readout."""
         norm = self.final_norm
