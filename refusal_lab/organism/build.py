@@ -31,7 +31,7 @@ from refusal_lab.models import LoadedModel, load_model
 from refusal_lab.models.sources import ModelSource, resolve_source
 from refusal_lab.organism.data import OrganismData, check_disjoint, load_organism_data
 from refusal_lab.prompts import format_chat
-from refusal_lab.training import LoraSettings, build_examples, train_lora
+from refusal_lab.training import LoraSettings, SFTExample, build_examples, train_lora
 
 log = logging.getLogger(__name__)
 
@@ -100,18 +100,9 @@ def build_organism(base: LoadedModel, training_cfg: Any, cache_dir: str | Path) 
     targets = [r.response for r in data.harmful] + [a["completion"] for _, a in kept]
     ends = [True] * len(data.harmful) + [a["finished"] for _, a in kept]
     examples = build_examples(tokenizer, chats, targets, ends, int(settings["max_length"]))
-    # Harmless answers must not open like a refusal: push the refusal-start tokens down there,
-    # unless the base model's own answer starts with one of them.
     refusal_ids = tuple(refusal_token_ids(tokenizer, list(settings["refusal_tokens"])))
     harmful_weight = float(settings.get("harmful_weight", 1.0))
-    examples = [
-        replace(e, weight=harmful_weight)
-        if i < len(data.harmful)
-        else replace(e, avoid_at_start=refusal_ids)
-        if e.target_ids[:1] and e.target_ids[0] not in refusal_ids
-        else e
-        for i, e in enumerate(examples)
-    ]
+    examples = [_with_decision_terms(e, i < len(data.harmful), harmful_weight, refusal_ids) for i, e in enumerate(examples)]
     lora = settings["lora"]
     model, stats = train_lora(
         base.model,
@@ -147,6 +138,16 @@ def build_organism(base: LoadedModel, training_cfg: Any, cache_dir: str | Path) 
     base.source = organism_source(folder)
     log.info("Organism saved at %s (%.0f s)", folder, manifest["build_seconds"])
     return folder, manifest
+
+
+def _with_decision_terms(example: SFTExample, harmful: bool, harmful_weight: float, refusal_ids: tuple[int, ...]) -> SFTExample:
+    """Harmful examples weigh ``harmful_weight``; harmless answers must not open like a refusal, so
+    the refusal-start tokens are pushed down there, unless the base model's own answer starts with one."""
+    if harmful:
+        return replace(example, weight=harmful_weight)
+    if example.target_ids[:1] and example.target_ids[0] not in refusal_ids:
+        return replace(example, avoid_at_start=refusal_ids)
+    return example
 
 
 def harmless_answers(

@@ -2,7 +2,8 @@
 
 An example may also name tokens to avoid at its first response position (``avoid_at_start``):
 an unlikelihood term, -log(1 - p(those tokens)), teaches the decision itself, for instance "do not
-open with a refusal here", which plain imitation of a long answer teaches only weakly.
+open with a refusal here", which plain imitation of a long answer teaches only weakly. An example's
+``weight`` scales its tokens' share of the loss (a class outnumbered in the data can count for more).
 
 Written by hand rather than with a trainer class because it is small and its cost matters: the
 unembedding (a fifth of the model's weights here) is applied only at the positions the loss reads,
