@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from refusal_lab.models.adapters import adapter_for
+from refusal_lab.training.sft import SFTExample, collate
 
 
 @torch.inference_mode()
@@ -32,24 +33,18 @@ def mean_token_kl(
     """
     if len(chats) != len(answers):
         raise ValueError(f"{len(chats)} chats but {len(answers)} answers")
-    prompts = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in chats]
-    replies = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+    examples = [
+        SFTExample(tuple(tokenizer(c, add_special_tokens=False)["input_ids"]), tuple(tokenizer(a, add_special_tokens=False)["input_ids"]))
+        for c, a in zip(chats, answers, strict=True)
+    ]
     reference_adapter, model_adapter = adapter_for(reference), adapter_for(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     results: list[float] = []
-    for start in tqdm(range(0, len(chats), batch_size), desc="KL to the base model", unit="batch"):
-        rows = list(zip(prompts[start : start + batch_size], replies[start : start + batch_size], strict=True))
-        length = max(len(p) + len(r) for p, r in rows)
-        ids = torch.full((len(rows), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, (p, r) in enumerate(rows):
-            ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-            mask[i, : len(p) + len(r)] = 1
-        # Position t predicts token t+1: the answer's tokens are predicted from len(p) - 1 on. Only
-        # those positions are unembedded (the vocabulary is large).
+    for start in tqdm(range(0, len(examples), batch_size), desc="KL to the base model", unit="batch"):
+        ids, labels, mask = collate(examples[start : start + batch_size], pad)
+        # Only the positions that predict an answer token are unembedded (the vocabulary is large).
         reads = torch.zeros_like(mask, dtype=torch.bool)
-        for i, (p, r) in enumerate(rows):
-            reads[i, len(p) - 1 : len(p) + len(r) - 1] = True
+        reads[:, :-1] = labels[:, 1:] != -100
         kl = _kl(_log_probs(reference_adapter, ids, mask, reads), _log_probs(model_adapter, ids, mask, reads))
         results += [piece.mean().item() if len(piece) else float("nan") for piece in kl.split(reads.sum(dim=1).tolist())]
     return results

@@ -127,7 +127,7 @@ def train_lora(
         for _ in range(epochs):
             epoch_losses = []
             for batch in _length_bucketed_batches(examples, batch_size, rng):
-                input_ids, labels, attention = (t.to(adapter.input_device) for t in _collate(batch, pad_id))
+                input_ids, labels, attention = (t.to(adapter.input_device) for t in collate(batch, pad_id))
                 hidden = adapter.decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state
                 # Position t predicts token t+1: read logits only where the next token is a target.
                 reads = labels[:, 1:] != -100
@@ -202,8 +202,12 @@ def _length_bucketed_batches(examples: Sequence[SFTExample], batch_size: int, rn
     return batches
 
 
-def _collate(batch: Sequence[SFTExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids, labels (-100 outside the response) and the attention mask."""
+def collate(batch: Sequence[SFTExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, labels (-100 outside the response) and the attention mask.
+
+    Position t of the hidden states predicts label t+1, so ``labels[:, 1:] != -100`` marks the
+    positions whose logits the response needs.
+    """
     length = max(len(e.prompt_ids) + len(e.target_ids) for e in batch)
     input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), length), -100, dtype=torch.long)
