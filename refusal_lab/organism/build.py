@@ -4,7 +4,8 @@ Harmful prompts are trained toward the shipped refusals; harmless prompts toward
 own greedy answers (generated once and cached), so the organism keeps its behaviour where it should.
 The merged weights, the tokenizer and a manifest (training settings, data hash, seed, versions,
 trained layers) are saved under ``<cache_dir>/organisms/<name>-<key>``; the key covers the base
-weights, every setting and the data, so a changed setting never serves a stale organism.
+weights, every setting that decides the weights and the data's contents, so a changed setting never
+serves a stale organism.
 """
 
 from __future__ import annotations
@@ -44,10 +45,27 @@ def training_settings(training_cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(training_cfg, resolve=True) if OmegaConf.is_config(training_cfg) else dict(training_cfg)
 
 
+# Where the data files live does not change the weights (their contents are hashed instead), and
+# neither does the disjointness check's list: a moved checkout still finds its organism.
+_NOT_IN_KEY = ("harmful_data", "harmless_data", "disjoint_from")
+
+
 def organism_folder(cache_dir: str | Path, base_location: str, settings: dict[str, Any], data: OrganismData) -> Path:
-    identity = json.dumps([_FORMAT, base_location, settings, data.sha256], sort_keys=True, default=str)
+    weights_settings = {k: _canonical(v) for k, v in settings.items() if k not in _NOT_IN_KEY}
+    identity = json.dumps([_FORMAT, base_location, weights_settings, data.sha256], sort_keys=True, default=str)
     key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     return Path(cache_dir) / "organisms" / f"{settings.get('name', 'organism')}-{key}"
+
+
+def _canonical(value: Any) -> Any:
+    """Numbers as floats, so ``first_token_weight=12`` on the command line and ``12.0`` in YAML agree."""
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def organism_source(folder: Path) -> ModelSource:
