@@ -179,13 +179,21 @@ def test_cuda_precisions(quant: str, embedded_model_dir: Path, cache_dir: Path, 
         loaded.close()
 
 
-def test_cache_key_follows_the_file(tmp_path: Path) -> None:
+def test_cache_key_follows_the_contents_not_the_install(tmp_path: Path) -> None:
+    """A reinstalled package (another path, a new modification time) keeps its copy; new contents do not."""
     from refusal_lab.models.sources import _cache_key
 
+    cache = tmp_path / "cache"
     path = tmp_path / "model.gguf"
     path.write_bytes(b"GGUF" + bytes(64))
-    before = _cache_key(path)
-    assert _cache_key(path) == before
+    before = _cache_key(path, cache)
+    assert _cache_key(path, cache) == before
+    elsewhere = tmp_path / "venv2" / "model.gguf"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(path.read_bytes())
+    assert _cache_key(elsewhere, cache) == before
+    assert _cache_key(elsewhere, tmp_path / "moved cache") == before
+    path.write_bytes(b"GGUF" + bytes(63) + b"\x01")  # a replaced file of the same size
     stat = path.stat()
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a replaced file
-    assert _cache_key(path) != before
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert _cache_key(path, cache) != before

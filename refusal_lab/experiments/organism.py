@@ -37,7 +37,7 @@ def run_organism(runner: Any, cfg: DictConfig) -> ExperimentResult:
     base_rows = answer_rows(runner, records, exp, "base model")
 
     name = str(exp.training.name)
-    folder = folder_for(exp.training, runner.model.source.location, cfg.paths.cache_dir)
+    folder = folder_for(exp.training, runner.model.source.weights_identity, cfg.paths.cache_dir)
     manifest = read_manifest(folder)
     if manifest is None or exp.rebuild:
         reference = copy.deepcopy(runner.model.model)  # the build changes the base model's weights in place

@@ -36,6 +36,13 @@ class ModelSource:
     location: str  # folder path or hub id
     description: str  # what a results file should say the weights were
     revision: str | None = None
+    # What the weights are, wherever they sit: caches derived from them (an organism, its training
+    # answers) key on this, so a new virtualenv or a moved cache folder does not rebuild them.
+    identity: str = ""
+
+    @property
+    def weights_identity(self) -> str:
+        return self.identity or (f"{self.location}@{self.revision}" if self.revision else self.location)
 
 
 def resolve_source(model_cfg: Any, cache_dir: str | Path) -> ModelSource:
@@ -102,17 +109,20 @@ def check_hub_access(model_cfg: Any) -> None:
 
 def _gguf_source(gguf_path: Path, cache_dir: str | Path, kind: str) -> ModelSource:
     folder = dequantized_copy(gguf_path, Path(cache_dir))
-    return ModelSource(kind, str(folder), f"{kind} GGUF {gguf_path.name} (de-quantized fp32 copy at {folder})")
+    return ModelSource(
+        kind, str(folder), f"{kind} GGUF {gguf_path.name} (de-quantized fp32 copy at {folder})", identity=folder.name
+    )
 
 
 def dequantized_copy(gguf_path: Path, cache_dir: Path) -> Path:
     """An fp32 safetensors copy of a GGUF model, built once.
 
-    The key covers the file (path, size, modification time) and the converter (transformers and
-    gguf versions, the copy format), so a replaced file or an upgraded converter builds anew, and
-    a multi-GB file is not hashed on every run.
+    The key covers the file's contents and the converter (transformers and gguf versions, the copy
+    format), so a replaced file or an upgraded converter builds anew while a reinstalled package
+    finds its copy. The file's hash is remembered by path, size and modification time, so a
+    multi-GB file is not hashed on every run.
     """
-    digest = _cache_key(gguf_path)
+    digest = _cache_key(gguf_path, cache_dir)
     folder = cache_dir / "models" / f"{gguf_path.stem}-{digest}"
     if (folder / _COMPLETE).is_file():
         return folder
@@ -133,7 +143,7 @@ def dequantized_copy(gguf_path: Path, cache_dir: Path) -> Path:
         tokenizer.save_pretrained(staging)
         manifest = {
             "gguf_file": str(gguf_path),
-            "gguf_sha256": _sha256(gguf_path),
+            "gguf_sha256": file_sha256(gguf_path, cache_dir),
             "key": digest,
             "converter": _converter_versions(),
             "built_s": round(time.perf_counter() - started, 1),
@@ -152,12 +162,24 @@ def dequantized_copy(gguf_path: Path, cache_dir: Path) -> Path:
     return folder
 
 
-def _cache_key(gguf_path: Path) -> str:
-    stat = gguf_path.stat()
-    identity = json.dumps(
-        [str(gguf_path.resolve()), stat.st_size, stat.st_mtime_ns, _converter_versions(), _COPY_FORMAT]
-    )
+def _cache_key(gguf_path: Path, cache_dir: Path) -> str:
+    identity = json.dumps([file_sha256(gguf_path, cache_dir), _converter_versions(), _COPY_FORMAT])
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Path, cache_dir: Path) -> str:
+    """The file's sha256, remembered under ``cache_dir`` by path, size and modification time."""
+    stat = path.stat()
+    memo_key = hashlib.sha256(json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns]).encode()).hexdigest()
+    memo = Path(cache_dir) / "models" / "sha256" / memo_key
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = _sha256(path)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    staging = memo.with_suffix(f".{os.getpid()}.tmp")
+    staging.write_text(digest)
+    os.replace(staging, memo)
+    return digest
 
 
 def _converter_versions() -> dict[str, str]:

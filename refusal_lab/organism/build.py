@@ -50,9 +50,9 @@ def training_settings(training_cfg: Any) -> dict[str, Any]:
 _NOT_IN_KEY = ("harmful_data", "harmless_data", "disjoint_from")
 
 
-def organism_folder(cache_dir: str | Path, base_location: str, settings: dict[str, Any], data: OrganismData) -> Path:
+def organism_folder(cache_dir: str | Path, base_identity: str, settings: dict[str, Any], data: OrganismData) -> Path:
     weights_settings = {k: _canonical(v) for k, v in settings.items() if k not in _NOT_IN_KEY}
-    identity = json.dumps([_FORMAT, base_location, weights_settings, data.sha256], sort_keys=True, default=str)
+    identity = json.dumps([_FORMAT, base_identity, weights_settings, data.sha256], sort_keys=True, default=str)
     key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     return Path(cache_dir) / "organisms" / f"{settings.get('name', 'organism')}-{key}"
 
@@ -70,14 +70,14 @@ def _canonical(value: Any) -> Any:
 
 def organism_source(folder: Path) -> ModelSource:
     """How results name an organism's weights."""
-    return ModelSource("organism", str(folder), f"refusal model organism at {folder}")
+    return ModelSource("organism", str(folder), f"refusal model organism at {folder}", identity=folder.name)
 
 
-def folder_for(training_cfg: Any, base_location: str, cache_dir: str | Path) -> Path:
-    """Where the organism trained with ``training_cfg`` from the weights at ``base_location`` lives."""
+def folder_for(training_cfg: Any, base_identity: str, cache_dir: str | Path) -> Path:
+    """Where the organism trained with ``training_cfg`` from the base weights ``base_identity`` lives."""
     settings = training_settings(training_cfg)
     data = load_organism_data(settings["harmful_data"], settings["harmless_data"])
-    return organism_folder(cache_dir, base_location, settings, data)
+    return organism_folder(cache_dir, base_identity, settings, data)
 
 
 def lora_layers(setting: Any, n_layers: int) -> list[int] | None:
@@ -95,7 +95,7 @@ def build_organism(base: LoadedModel, training_cfg: Any, cache_dir: str | Path) 
     settings = training_settings(training_cfg)
     data = load_organism_data(settings["harmful_data"], settings["harmless_data"])
     check_disjoint(data, list(settings.get("disjoint_from") or []))
-    folder = organism_folder(cache_dir, base.source.location, settings, data)
+    folder = organism_folder(cache_dir, base.source.weights_identity, settings, data)
     if base.precision.bits is not None or base.precision.dtype != torch.float32:
         raise ConfigError(f"the organism is trained in fp32, not {base.precision.name}; drop the quant= override")
     layers = lora_layers(settings.get("lora_layers"), base.adapter.n_layers)
@@ -172,7 +172,7 @@ def harmless_answers(
     base: LoadedModel, data: OrganismData, max_new_tokens: int, system_prompt: str | None, cache_dir: Path
 ) -> list[dict[str, Any]]:
     """The base model's greedy answers to the harmless prompts: generated once, then read from the cache."""
-    identity = json.dumps([base.source.location, [p.prompt for p in data.harmless], max_new_tokens, system_prompt])
+    identity = json.dumps([base.source.weights_identity, [p.prompt for p in data.harmless], max_new_tokens, system_prompt])
     path = cache_dir / "organisms" / f"harmless-answers-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.jsonl"
     if path.is_file():
         return [json.loads(line) for line in path.read_text().splitlines()]
@@ -210,7 +210,7 @@ FP32 = {"name": "fp32", "dtype": "float32", "bits": None}
 
 def expected_folder(organism_cfg: Any, cache_dir: str | Path) -> Path:
     """Where the organism described by ``model.organism`` lives, without loading anything."""
-    return folder_for(organism_cfg.training, resolve_source(organism_cfg.base, cache_dir).location, cache_dir)
+    return folder_for(organism_cfg.training, resolve_source(organism_cfg.base, cache_dir).weights_identity, cache_dir)
 
 
 def ensure_organism(organism_cfg: Any, cache_dir: str | Path) -> Path:
