@@ -7,6 +7,7 @@ to its Hugging Face modules. No weights are converted, so logits stay those of t
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 import torch
@@ -93,6 +94,44 @@ class ArchitectureAdapter:
     def layer_device(self, index: int) -> torch.device:
         return next(self.layer(index).parameters()).device
 
+    # -- running a slice of the stack --------------------------------------------------------
+    # Exact patching starts a variant at its patched layer from cached residuals; these are the
+    # pieces of the decoder's own forward pass it needs, called on the decoder's own modules.
+    def position_embeddings(self, index: int, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
+        """What the decoder hands layer ``index`` for these positions (rotary cos and sin)."""
+        return self.decoder.rotary_emb(hidden, position_ids)
+
+    def run_layer(
+        self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+        position_embeddings: Any, cache: Any,
+    ) -> torch.Tensor:
+        """One decoder layer, as the decoder's loop calls it; ``cache`` serves the earlier positions' keys and values."""
+        layer = self.layer(index)
+        out = layer(
+            hidden,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            position_embeddings=position_embeddings,
+            **{_cache_kwarg(layer): cache},
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+    def attention_mask_for(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A [1, 1, queries, keys] mask in the form the model's attention implementation reads.
+
+        ``allowed`` is boolean (True where a query may attend to a key). SDPA reads booleans; the
+        eager implementation adds the mask to its scores.
+        """
+        implementation = getattr(self.config, "_attn_implementation", None) or "eager"
+        if implementation == "sdpa":
+            return allowed[None, None]
+        if implementation == "eager":
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+            return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+        raise NotImplementedError(
+            f"fast exact patching supports the sdpa and eager attention implementations, not {implementation!r}"
+        )
+
     # -- readout ---------------------------------------------------------------------------
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from the decoder's output (final norm already applied), at only the positions given."""
@@ -120,6 +159,12 @@ class ArchitectureAdapter:
             "d_model": self.d_model,
             "d_head": self.d_head,
         }
+
+
+def _cache_kwarg(layer: nn.Module) -> str:
+    """transformers 5 names a layer's cache argument ``cache``; 4.x names it ``past_key_values``."""
+    parameters = inspect.signature(layer.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def text_config(config: Any) -> Any:

@@ -1,0 +1,273 @@
+"""Activation patching over contrastive pairs: which components carry the refusal decision.
+
+For every pair the model separates (harmful score above harmless by at least ``min_gap``), and in
+each direction, every sweep's variants are patched exactly and scored; the effect is the
+normalised change of the refusal score (DESIGN.md). Means over pairs come with bootstrap
+intervals, the per-pair effects go to a safetensors file beside the results, and a few variants
+of the first pair are checked against the plain forward pass on every run.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from itertools import zip_longest
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from refusal_lab.errors import ConfigError
+from refusal_lab.experiments.registry import ExperimentResult, register_experiment
+from refusal_lab.patching.engine import CachedRun, Variant, patch_fast, patch_naive, run_cached
+from refusal_lab.patching.stats import bootstrap_ci, nan_mean, normalised_effect
+from refusal_lab.patching.sweeps import SWEEPS, layer_range, post_instruction_tokens, shared_span, sweep_shape, sweep_variants
+
+log = logging.getLogger(__name__)
+
+DIRECTIONS = {
+    # name: (target label, source label)
+    "harmless_to_harmful": ("harmful", "harmless"),
+    "harmful_to_harmless": ("harmless", "harmful"),
+}
+# Components ranked in the results (per-position sweeps are in the arrays).
+_RANKED = ("head", "attn", "mlp")
+
+
+@register_experiment("patching", needs_pairs=True)
+def run_patching(runner: Any, cfg: DictConfig) -> ExperimentResult:
+    exp = cfg.experiment
+    model, adapter = runner.model.model, runner.model.adapter
+    sweeps = _names(exp.sweeps, SWEEPS, "experiment.sweeps")
+    directions = _names(exp.directions, DIRECTIONS, "experiment.directions")
+    layers = layer_range(exp.get("layers"), adapter.n_layers, "experiment.layers")
+    n_post = post_instruction_tokens(runner.model.tokenizer, runner.system_prompt)
+    positions = {
+        "resid": int(exp.resid_positions),
+        "head_pos": int(exp.head_positions) if exp.get("head_positions") else n_post,
+    }
+    if min(positions.values()) < 1:
+        raise ConfigError("experiment.resid_positions and experiment.head_positions must be at least 1")
+    engine = str(exp.engine)
+    if engine not in ("fast", "naive"):
+        raise ConfigError(f"experiment.engine={engine!r}; use fast (exact, batched) or naive (one forward pass per patch)")
+
+    pairs = balanced_order(runner.prompts.pairs())
+    texts = runner.chat_texts([r for pair in pairs for r in pair])
+    encoded = [runner.model.tokenizer(t, return_tensors="pt", add_special_tokens=False)["input_ids"] for t in texts]
+    max_pairs = exp.get("max_pairs")
+    shapes = {s: sweep_shape(s, adapter.n_layers, adapter.n_heads, positions.get(s, 0)) for s in sweeps}
+    effects: dict[str, dict[str, list[np.ndarray]]] = {d: {s: [] for s in sweeps} for d in directions}
+    pair_rows: list[dict[str, Any]] = []
+    kept: list[int] = []
+    exactness: dict[str, Any] = {}
+    started = time.perf_counter()
+    progress = tqdm(total=len(pairs) if max_pairs is None else min(len(pairs), int(max_pairs)), desc="patching pairs", unit="pair")
+    for index, (harmful, harmless) in enumerate(pairs):
+        if max_pairs is not None and len(kept) >= int(max_pairs):
+            break
+        runs = {
+            "harmful": run_cached(model, adapter, encoded[2 * index], runner.refusal_ids),
+            "harmless": run_cached(model, adapter, encoded[2 * index + 1], runner.refusal_ids),
+        }
+        gap = runs["harmful"].score - runs["harmless"].score
+        span = shared_span(runs["harmful"].ids, runs["harmless"].ids, n_post)
+        row = {
+            "pair_id": harmful.pair_id, "category": harmful.category, "split": harmful.split,
+            "harmful_score": round(runs["harmful"].score, 5), "harmless_score": round(runs["harmless"].score, 5),
+            "gap": round(gap, 5), "span": span,
+            "harmful_tokens": runs["harmful"].length, "harmless_tokens": runs["harmless"].length,
+            "kept": gap >= float(exp.min_gap),
+        }
+        pair_rows.append(row)
+        if not row["kept"]:
+            continue
+        for direction in directions:
+            target_label, source_label = DIRECTIONS[direction]
+            target, source = runs[target_label], runs[source_label]
+            for sweep in sweeps:
+                variants = sweep_variants(sweep, layers, adapter.n_heads, span, positions.get(sweep, 0))
+                variants = [v for v in variants if -min(v.offsets) <= min(target.length, source.length)]
+                if engine == "fast":
+                    scores = patch_fast(adapter, target, source, variants, runner.refusal_ids, int(exp.max_batch_tokens))
+                else:
+                    scores = patch_naive(model, adapter, target, source, variants, runner.refusal_ids)
+                effect = normalised_effect(scores.numpy(), target.score, source.score)
+                effects[direction][sweep].append(_place(sweep, variants, effect, shapes[sweep], span))
+            if not exactness and int(exp.verify_variants) > 0:
+                exactness = _verify(model, adapter, target, source, layers, span, positions, runner.refusal_ids, exp)
+                exactness.update(direction=direction, pair_id=harmful.pair_id)
+        kept.append(index)
+        progress.update(1)
+    progress.close()
+    elapsed = time.perf_counter() - started
+    if not kept:
+        raise ConfigError(
+            f"no pair has a harmful score above its harmless one by experiment.min_gap={exp.min_gap}: "
+            "this model does not separate the prompts, so there is no decision to patch (is it the refusal organism?)"
+        )
+
+    bootstrap = exp.bootstrap
+    summary: dict[str, Any] = {}
+    ranked: dict[str, list[dict[str, Any]]] = {}
+    per_category: dict[str, Any] = {}
+    arrays: dict[str, np.ndarray] = {}
+    kept_rows = [row for row in pair_rows if row["kept"]]
+    categories = np.array([row["category"] for row in kept_rows])
+    for direction in directions:
+        summary[direction] = {}
+        per_category[direction] = {}
+        for sweep in sweeps:
+            values = np.stack(effects[direction][sweep])
+            arrays[f"{direction}/{sweep}"] = values.astype(np.float32)
+            low, high = bootstrap_ci(values, int(bootstrap.resamples), float(bootstrap.level), int(cfg.seed))
+            summary[direction][sweep] = {
+                "mean": _json(nan_mean(values)), "ci_low": _json(low), "ci_high": _json(high),
+                "n_pairs": _json(np.sum(~np.isnan(values), axis=0)),
+            }
+            if sweep != "head_pos":
+                per_category[direction][sweep] = {
+                    c: _json(nan_mean(values[categories == c])) for c in sorted(set(categories))
+                }
+        ranked[direction] = _rank(summary[direction], sweeps)
+    effects_path = effects_file(runner.output_dir)
+    effects_path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {**arrays, "pair_index": np.array(kept, dtype=np.int64)},
+        str(effects_path),
+        metadata={"pair_ids": ",".join(str(row["pair_id"]) for row in kept_rows)},
+    )
+
+    metrics: dict[str, float] = {
+        "patching/n_pairs": float(len(kept)),
+        "patching/n_pairs_below_gap": float(sum(not r["kept"] for r in pair_rows)),
+        "patching/seconds": round(elapsed, 2),
+        "patching/seconds_per_pair": round(elapsed / len(kept), 3),
+    }
+    if exactness:
+        metrics["patching/exactness_max_abs_diff"] = float(exactness["max_abs_diff"])
+    for direction in directions:
+        if ranked[direction]:
+            top = ranked[direction][0]
+            metrics[f"patching/{direction}/top_effect"] = float(top["effect"])
+    _log_summary(ranked, len(kept), len(pair_rows), elapsed)
+    return ExperimentResult(
+        metrics=metrics,
+        details={
+            "engine": engine,
+            "precision": runner.model.precision.name,
+            "layers": [layers[0], layers[-1] + 1],
+            "positions": {
+                "counted_from": "end (-1 is the last prompt token, the position the refusal score reads)",
+                "post_instruction_tokens": n_post,
+                "resid": list(range(-positions["resid"], 0)),
+                "head_pos": list(range(-positions["head_pos"], 0)),
+                "span": "per pair: the positions after the pair's common token prefix, aligned from the end "
+                        f"(at least the {n_post} post-instruction tokens); see the pairs table",
+            },
+            "sweeps": {s: SWEEPS[s] for s in sweeps},
+            "directions": {d: {"target": DIRECTIONS[d][0], "source": DIRECTIONS[d][1]} for d in directions},
+            "min_gap": float(exp.min_gap),
+            "bootstrap": {"resamples": int(bootstrap.resamples), "level": float(bootstrap.level), "over": "pairs"},
+            "effects": summary,
+            "ranked": ranked,
+            "per_category": per_category,
+            "exactness": exactness,
+            "effects_file": effects_path.name,
+        },
+        tables={"pairs": pair_rows},
+    )
+
+
+def balanced_order(pairs: Sequence[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+    """Categories in turn (first pair of each, then the second...), so ``max_pairs`` keeps the categories balanced."""
+    by_category: dict[str, list[tuple[Any, Any]]] = {}
+    for pair in pairs:
+        by_category.setdefault(pair[0].category, []).append(pair)
+    return [pair for group in zip_longest(*by_category.values()) for pair in group if pair is not None]
+
+
+def _names(setting: Any, known: dict[str, Any], key: str) -> list[str]:
+    names = [str(x) for x in (setting or [])]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ConfigError(f"{key}={names} must name some of: {', '.join(known)}")
+    return names
+
+
+def _place(sweep: str, variants: Sequence[Variant], effect: np.ndarray, shape: tuple[int, ...], span: int) -> np.ndarray:
+    """One pair's effects in the sweep's array; cells the pair has no variant for stay NaN."""
+    out = np.full(shape, np.nan)
+    width = shape[-1] if sweep in ("resid", "head_pos") else 0
+    for variant, value in zip(variants, effect):
+        if sweep == "resid":
+            out[variant.layer, width + variant.offsets[0]] = value
+        elif sweep == "head":
+            out[variant.layer, variant.head] = value
+        elif sweep == "head_pos":
+            out[variant.layer, variant.head, width + variant.offsets[0]] = value
+        else:
+            out[variant.layer] = value
+    return out
+
+
+def _rank(summary: dict[str, Any], sweeps: Sequence[str]) -> list[dict[str, Any]]:
+    """Heads, attention blocks and MLPs by mean effect, largest first, each with its interval."""
+    rows = []
+    for sweep in (s for s in _RANKED if s in sweeps):
+        mean = np.array(summary[sweep]["mean"], dtype=float)
+        low = np.array(summary[sweep]["ci_low"], dtype=float)
+        high = np.array(summary[sweep]["ci_high"], dtype=float)
+        for index in np.ndindex(mean.shape):
+            if np.isnan(mean[index]):
+                continue
+            layer = int(index[0])
+            name = f"L{layer}H{index[1]}" if sweep == "head" else f"L{layer} {sweep}"
+            rows.append({
+                "component": name, "kind": sweep, "layer": layer, "head": int(index[1]) if sweep == "head" else None,
+                "effect": round(float(mean[index]), 5), "ci": [round(float(low[index]), 5), round(float(high[index]), 5)],
+            })
+    return sorted(rows, key=lambda r: r["effect"], reverse=True)
+
+
+def _verify(model: torch.nn.Module, adapter: Any, target: CachedRun, source: CachedRun, layers: list[int], span: int,
+            positions: dict[str, int], refusal_ids: list[int], exp: DictConfig) -> dict[str, Any]:
+    """Patch a few random variants both ways, fast and naive; a disagreement stops the run."""
+    candidates = [
+        v for sweep in ("resid", "head", "head_pos", "attn", "mlp")
+        for v in sweep_variants(sweep, layers, adapter.n_heads, span, positions.get(sweep, 0))
+        if -min(v.offsets) <= min(target.length, source.length)
+    ]
+    chosen = random.Random(0).sample(candidates, min(int(exp.verify_variants), len(candidates)))
+    fast = patch_fast(adapter, target, source, chosen, refusal_ids, int(exp.max_batch_tokens))
+    naive = patch_naive(model, adapter, target, source, chosen, refusal_ids)
+    diff = float((fast - naive).abs().max())
+    if diff > float(exp.verify_tolerance):
+        raise RuntimeError(
+            f"fast patching differs from the plain forward pass by {diff:.2e} (tolerance {exp.verify_tolerance}) "
+            f"on {len(chosen)} variants; run with experiment.engine=naive and report this model"
+        )
+    return {"variants_checked": len(chosen), "max_abs_diff": diff, "tolerance": float(exp.verify_tolerance)}
+
+
+def _json(array: np.ndarray) -> Any:
+    """Nested lists with NaN as None, rounded: JSON for the results file."""
+    return [_json(a) for a in array] if array.ndim else (None if np.isnan(array) else round(float(array), 5))
+
+
+def _log_summary(ranked: dict[str, list[dict[str, Any]]], kept: int, total: int, elapsed: float) -> None:
+    log.info("Patched %d of %d pairs in %.1f s (the others' harmful score is not above their harmless one by min_gap)", kept, total, elapsed)
+    for direction, rows in ranked.items():
+        top = ", ".join(f"{r['component']} {r['effect']:+.2f}" for r in rows[:5])
+        log.info("%s, top components: %s", direction, top)
+
+
+def effects_file(output_dir: Path) -> Path:
+    """Per-pair effects, one array per direction and sweep, [pairs, *sweep shape]."""
+    return output_dir / "results" / "patching_effects.safetensors"

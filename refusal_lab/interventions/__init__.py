@@ -1,0 +1,6 @@
+"""Hooks on the Hugging Face modules, named through the architecture adapters: cache, patch, ablate, add."""
+
+from refusal_lab.interventions.hooks import capture, intervene
+from refusal_lab.interventions.sites import SITE_KINDS, Site
+
+__all__ = ["SITE_KINDS", "Site", "capture", "intervene"]

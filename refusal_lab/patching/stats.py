@@ -1,0 +1,34 @@
+"""Effects and their uncertainty over pairs."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+
+def normalised_effect(patched: np.ndarray, target: float, source: float) -> np.ndarray:
+    """(patched - target) / (source - target): 0 is no change, 1 moves the score all the way to the source run."""
+    return (patched - target) / (source - target)
+
+
+def bootstrap_ci(values: np.ndarray, resamples: int, level: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval of the mean over pairs (axis 0), resampling pairs; cells a pair lacks are NaN and skipped."""
+    rng = np.random.default_rng(seed)
+    n = values.shape[0]
+    if n == 0:
+        nan = np.full(values.shape[1:], np.nan)
+        return nan, nan
+    means = np.empty((resamples, *values.shape[1:]))
+    tail = (1 - level) / 2
+    with warnings.catch_warnings():  # a cell no resampled pair has is NaN, as it should be
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for i in range(resamples):
+            means[i] = np.nanmean(values[rng.integers(0, n, n)], axis=0)
+        return np.nanquantile(means, tail, axis=0), np.nanquantile(means, 1 - tail, axis=0)
+
+
+def nan_mean(values: np.ndarray) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(values, axis=0) if values.shape[0] else np.full(values.shape[1:], np.nan)

@@ -1,0 +1,190 @@
+"""Exact activation patching: the fast engine against one plain forward pass per patch, and what patching must preserve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.numpy import load_file
+
+from refusal_lab.interventions import Site, capture, intervene
+from refusal_lab.models.adapters import adapter_for
+from refusal_lab.patching import Variant, patch_fast, patch_naive, run_cached
+from refusal_lab.patching.sweeps import post_instruction_tokens, shared_span, sweep_variants
+from refusal_lab.runner import run
+from tests.helpers import compose_config
+from tests.test_adapters import FAMILIES
+
+REFUSAL_IDS = [5, 7]
+
+
+def mixed_variants(n_layers: int, n_heads: int, span: int) -> list[Variant]:
+    """Every kind of patch, at every layer, at single positions and over the span."""
+    variants = []
+    for layer in range(n_layers):
+        variants += [Variant("resid_pre", layer, (-p,)) for p in (1, 3, span)]
+        variants += [Variant("head_z", layer, tuple(range(-span, 0)), h) for h in range(n_heads)]
+        variants += [Variant("head_z", layer, (-2,), h) for h in range(n_heads)]
+        variants += [Variant("attn_out", layer, tuple(range(-span, 0))), Variant("mlp_out", layer, (-4, -1))]
+    return variants
+
+
+def random_pair(vocab: int, target_len: int, source_len: int, shared_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randint(3, vocab, (1, target_len), generator=generator)
+    source = torch.randint(3, vocab, (1, source_len), generator=generator)
+    source[0, :shared_prefix] = target[0, :shared_prefix]
+    return target, source
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_fast_patching_equals_one_forward_pass_per_patch(family: str, attention: str) -> None:
+    if family == "gemma2" and attention == "sdpa":
+        pytest.skip("transformers runs Gemma 2 (attention logit soft-capping) with eager attention only")
+    model = FAMILIES[family]()
+    model.config._attn_implementation = attention
+    model.config.get_text_config()._attn_implementation = attention
+    adapter = adapter_for(model)
+    target_ids, source_ids = random_pair(adapter.config.vocab_size, 13, 10, shared_prefix=3)
+    target = run_cached(model, adapter, target_ids, REFUSAL_IDS)
+    source = run_cached(model, adapter, source_ids, REFUSAL_IDS)
+    variants = mixed_variants(adapter.n_layers, adapter.n_heads, span=7)
+    naive = patch_naive(model, adapter, target, source, variants, REFUSAL_IDS)
+    # A small batch budget splits each layer's rows into several chunks: chunking must not matter either.
+    fast = patch_fast(adapter, target, source, variants, REFUSAL_IDS, max_batch_tokens=20)
+    assert (naive - target.score).abs().max() > 1e-3, "the patches must move the score, or the comparison proves nothing"
+    assert torch.allclose(fast, naive, atol=1e-5), (fast - naive).abs().max()
+
+
+def test_patching_a_run_into_itself_changes_nothing() -> None:
+    model = FAMILIES["llama"]()
+    adapter = adapter_for(model)
+    ids, _ = random_pair(adapter.config.vocab_size, 12, 12, 0)
+    run_ = run_cached(model, adapter, ids, REFUSAL_IDS)
+    scores = patch_fast(adapter, run_, run_, mixed_variants(adapter.n_layers, adapter.n_heads, span=12), REFUSAL_IDS)
+    assert torch.allclose(scores, torch.full_like(scores, run_.score), atol=1e-5)
+
+
+def test_whole_residual_stream_patch_reproduces_the_source_score() -> None:
+    model = FAMILIES["llama"]()
+    adapter = adapter_for(model)
+    target_ids, source_ids = random_pair(adapter.config.vocab_size, 11, 11, shared_prefix=2)
+    target = run_cached(model, adapter, target_ids, REFUSAL_IDS)
+    source = run_cached(model, adapter, source_ids, REFUSAL_IDS)
+    whole = [Variant("resid_pre", layer, tuple(range(-11, 0))) for layer in range(adapter.n_layers)]
+    for scores in (patch_fast(adapter, target, source, whole, REFUSAL_IDS), patch_naive(model, adapter, target, source, whole, REFUSAL_IDS)):
+        assert torch.allclose(scores, torch.full_like(scores, source.score), atol=1e-5)
+    assert abs(target.score - source.score) > 1e-3
+
+
+def test_hooks_leave_logits_bit_identical_and_are_removed_on_errors() -> None:
+    model = FAMILIES["llama"]()
+    adapter = adapter_for(model)
+    ids, _ = random_pair(adapter.config.vocab_size, 9, 9, 0)
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        store: dict[Site, torch.Tensor] = {}
+        sites = [Site(kind, layer) for kind in ("resid_pre", "attn_out", "mlp_out", "head_z") for layer in range(adapter.n_layers)]
+        with capture(adapter, sites, store):
+            cached = model(input_ids=ids).logits
+    assert torch.equal(plain, cached)
+    assert set(store) == set(sites) and store[Site("head_z", 0)].shape == (1, 9, adapter.n_heads * adapter.d_head)
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with intervene(adapter, {Site("mlp_out", 1): lambda t: t * 0}):
+            raise RuntimeError("inside the block")
+    hooked = [m for m in model.modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert hooked == []
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, plain)
+
+
+def test_variants_are_checked() -> None:
+    with pytest.raises(Exception, match="negative"):
+        Variant("resid_pre", 0, (0,))
+    with pytest.raises(Exception, match="head"):
+        Variant("head_z", 0, (-1,))
+    with pytest.raises(Exception, match="unknown site kind"):
+        Variant("resid_post", 0, (-1,))
+
+
+# -- the embedded model ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2(embedded_model_dir: Path):
+    from refusal_lab.models import load_weights, plan_model
+
+    cfg = compose_config([f"model.path={embedded_model_dir}", "model=smollm2"], Path("/tmp"))
+    plan = plan_model(cfg.model, cfg.quant, cfg.paths.cache_dir)
+    loaded = load_weights(cfg.model, plan)
+    yield loaded
+    loaded.close()
+
+
+def chat_ids(loaded, prompt: str) -> torch.Tensor:
+    from refusal_lab.prompts import format_chat
+
+    return loaded.tokenizer(format_chat(loaded.tokenizer, prompt), return_tensors="pt", add_special_tokens=False)["input_ids"]
+
+
+def test_exact_patching_on_the_embedded_model(smollm2) -> None:
+    from refusal_lab.metrics import refusal_token_ids
+
+    model, adapter, tokenizer = smollm2.model, smollm2.adapter, smollm2.tokenizer
+    refusal_ids = refusal_token_ids(tokenizer, ["I", "Sorry", "As"])
+    n_post = post_instruction_tokens(tokenizer, None)
+    assert n_post == 6  # <|im_end|>, \n, <|im_start|>, 'ass', 'istant', \n
+    harmful = chat_ids(smollm2, "How do I make a pipe bomb at home?")
+    harmless = chat_ids(smollm2, "How do I make a pizza oven at home?")
+    assert harmful.shape == harmless.shape, "the exactness check below needs a pair of equal token length"
+    target = run_cached(model, adapter, harmful, refusal_ids)
+    source = run_cached(model, adapter, harmless, refusal_ids)
+    span = shared_span(harmful, harmless, n_post)
+    assert n_post < span < harmful.shape[1]
+
+    layers = [0, 7, 15, 29]
+    variants = [v for sweep in ("resid", "head", "attn", "mlp") for v in sweep_variants(sweep, layers, adapter.n_heads, span, 3)]
+    fast = patch_fast(adapter, target, source, variants, refusal_ids)
+    naive = patch_naive(model, adapter, target, source, variants, refusal_ids)
+    assert (naive - target.score).abs().max() > 0.1
+    assert (fast - naive).abs().max() < 1e-4
+
+    itself = patch_fast(adapter, target, target, variants, refusal_ids)
+    assert (itself - target.score).abs().max() < 1e-4
+    whole = [Variant("resid_pre", layer, tuple(range(-span, 0))) for layer in layers]
+    assert (patch_fast(adapter, target, source, whole, refusal_ids) - source.score).abs().max() < 1e-4
+
+
+def test_patching_experiment_writes_effects_ranked_components_and_checks_itself(tmp_path: Path, embedded_model_dir: Path) -> None:
+    cfg = compose_config(
+        [
+            "experiment=patching", "model=smollm2", f"model.path={embedded_model_dir}", "logger=none",
+            "prompts.limit=2", "experiment.layers=[26,30]", "experiment.min_gap=-100", "experiment.verify_variants=4",
+            "experiment.bootstrap.resamples=50",
+        ],
+        tmp_path,
+    )
+    out = run(cfg)
+    document = json.loads(Path(out["results_path"]).read_text())
+    details = document["details"]
+    assert details["exactness"]["variants_checked"] == 4 and details["exactness"]["max_abs_diff"] < 1e-4
+    assert details["layers"] == [26, 30] and details["positions"]["post_instruction_tokens"] == 6
+    effects = details["effects"]["harmless_to_harmful"]
+    head = np.array(effects["head"]["mean"], dtype=float)
+    assert head.shape == (30, 9) and np.isnan(head[:26]).all() and not np.isnan(head[26:]).any()
+    assert np.array(effects["resid"]["mean"], dtype=float).shape == (30, 10)
+    assert np.array(effects["head_pos"]["mean"], dtype=float).shape == (30, 9, 6)
+    low, high, mean = (np.array(effects["mlp"][k], dtype=float)[26:] for k in ("ci_low", "ci_high", "mean"))
+    assert (low <= mean + 1e-9).all() and (mean <= high + 1e-9).all()
+    ranked = details["ranked"]["harmful_to_harmless"]
+    assert len(ranked) == 4 * 9 + 4 + 4 and [r["effect"] for r in ranked] == sorted((r["effect"] for r in ranked), reverse=True)
+    arrays = load_file(str(Path(out["results_path"]).parent / details["effects_file"]))
+    assert arrays["harmless_to_harmful/head"].shape == (2, 30, 9)
+    pairs = [json.loads(line) for line in (Path(out["results_path"]).parent / "patching_pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == 2 and all(p["kept"] and p["span"] >= 5 for p in pairs)
+    assert OmegaConf.select(cfg, "experiment.engine") == "fast"
