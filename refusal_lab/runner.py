@@ -127,6 +127,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log.info("Results:     %s", files.results)
     for name, path in files.tables.items():
         log.info("Table %-6s %s", name + ":", path)
+    for name, path in files.files.items():
+        log.info("%-12s %s", name.capitalize() + ":", path)
     where = tracker.describe()
     if where:
         log.info("W&B run:     %s", where)

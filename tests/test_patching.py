@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from safetensors.numpy import load_file
 from refusal_lab.interventions import Site, capture, intervene
 from refusal_lab.models.adapters import adapter_for
 from refusal_lab.patching import Variant, patch_fast, patch_naive, run_cached
+from refusal_lab.patching.attribution import attribution_deltas, score_gradients, spearman, top_k_overlap
 from refusal_lab.patching.sweeps import post_instruction_tokens, shared_span, sweep_variants
 from refusal_lab.runner import run
 from tests.helpers import compose_config
@@ -103,6 +105,31 @@ def test_hooks_leave_logits_bit_identical_and_are_removed_on_errors() -> None:
         assert torch.equal(model(input_ids=ids).logits, plain)
 
 
+def test_attribution_is_the_first_order_term_of_exact_patching() -> None:
+    """For a source a small step from the target, attribution and exact patching agree to second order."""
+    model = FAMILIES["llama"]().double()
+    adapter = adapter_for(model)
+    ids, _ = random_pair(adapter.config.vocab_size, 12, 12, 0)
+    target = run_cached(model, adapter, ids, REFUSAL_IDS)
+    generator = torch.Generator().manual_seed(1)
+    source = copy.copy(target)
+    source.acts = {site: act + 1e-2 * act.std() * torch.randn(act.shape, generator=generator, dtype=act.dtype) for site, act in target.acts.items()}
+    variants = mixed_variants(adapter.n_layers, adapter.n_heads, span=8)
+    exact = patch_fast(adapter, target, source, variants, REFUSAL_IDS).numpy() - target.score
+    estimate = attribution_deltas(target, score_gradients(model, adapter, target, REFUSAL_IDS), source, variants, adapter.n_heads)
+    assert np.abs(exact).max() > 1e-4
+    assert np.abs(exact - estimate).max() < 0.05 * np.abs(exact).max()
+    assert spearman(exact, estimate) > 0.95
+    assert all(p.grad is None for p in model.parameters()), "attribution must not leave gradients on the weights"
+
+
+def test_agreement_measures() -> None:
+    a = np.array([0.1, 0.5, 0.3, 0.3, -0.2])
+    assert spearman(a, a) == pytest.approx(1.0) and spearman(a, -a) == pytest.approx(-1.0)
+    assert spearman(a, np.array([1.0, 5.0, 3.0, 3.0, -2.0])) == pytest.approx(1.0)  # ties keep their average rank
+    assert top_k_overlap(a, a, 2) == 1.0 and top_k_overlap(a, -a, 2) == 0.0
+
+
 def test_variants_are_checked() -> None:
     with pytest.raises(Exception, match="negative"):
         Variant("resid_pre", 0, (0,))
@@ -160,6 +187,23 @@ def test_exact_patching_on_the_embedded_model(smollm2) -> None:
     assert (patch_fast(adapter, target, source, whole, refusal_ids) - source.score).abs().max() < 1e-4
 
 
+def test_attribution_experiment(tmp_path: Path, embedded_model_dir: Path) -> None:
+    cfg = compose_config(
+        [
+            "experiment=attribution", "model=smollm2", f"model.path={embedded_model_dir}", "logger=none",
+            "prompts.limit=1", "experiment.layers=[20,30]", "experiment.min_gap=-100", "experiment.bootstrap.resamples=20",
+        ],
+        tmp_path,
+    )
+    document = json.loads(Path(run(cfg)["results_path"]).read_text())
+    details = document["details"]
+    assert details["method"] == "attribution" and details["comparison"]["method"] == "exact"
+    assert set(details["comparison"]["effects"]["harmful_to_harmless"]) == {"head", "mlp"}
+    assert set(details["agreement"]["harmful_to_harmless"]) == {"head", "mlp"}
+    assert np.array(details["effects"]["harmful_to_harmless"]["resid"]["mean"], dtype=float).shape == (30, 10)
+    assert (tmp_path / document["files"]["dashboard"]).name == "attribution_dashboard.html"
+
+
 def test_patching_experiment_writes_effects_ranked_components_and_checks_itself(tmp_path: Path, embedded_model_dir: Path) -> None:
     cfg = compose_config(
         [
@@ -183,8 +227,18 @@ def test_patching_experiment_writes_effects_ranked_components_and_checks_itself(
     assert (low <= mean + 1e-9).all() and (mean <= high + 1e-9).all()
     ranked = details["ranked"]["harmful_to_harmless"]
     assert len(ranked) == 4 * 9 + 4 + 4 and [r["effect"] for r in ranked] == sorted((r["effect"] for r in ranked), reverse=True)
-    arrays = load_file(str(Path(out["results_path"]).parent / details["effects_file"]))
-    assert arrays["harmless_to_harmful/head"].shape == (2, 30, 9)
+    arrays = load_file(str(tmp_path / document["files"]["effects"]))
+    assert arrays["exact/harmless_to_harmful/head"].shape == (2, 30, 9)
+    assert np.allclose(np.nanmean(arrays["exact/harmless_to_harmful/mlp"][:, 26:], axis=0), mean, atol=1e-5)
+    # Attribution ran beside it on every sweep, and its agreement with the exact effects is reported.
+    assert arrays["attribution/harmful_to_harmless/head_pos"].shape == (2, 30, 9, 6)
+    agreement = details["agreement"]["harmless_to_harmful"]["head"]
+    assert agreement["n_components"] == 4 * 9 and -1 <= agreement["spearman"] <= 1 and 0 <= agreement["top_k_overlap"] <= 1
+    assert document["metrics"]["patching/agreement/harmless_to_harmful/mlp/spearman"] == details["agreement"]["harmless_to_harmful"]["mlp"]["spearman"]
+    page = (tmp_path / document["files"]["dashboard"]).read_text()
+    assert "<script src=" not in page and "Plotly.newPlot" in page  # plotly.js inside: it opens offline
+    assert "L26H0" in page or "L27" in page  # the ranked components are on it
+    assert (tmp_path / document["files"]["circuit"]).read_bytes()[:4] == b"\x89PNG"
     pairs = [json.loads(line) for line in (Path(out["results_path"]).parent / "patching_pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == 2 and all(p["kept"] and p["span"] >= 5 for p in pairs)
     assert OmegaConf.select(cfg, "experiment.engine") == "fast"

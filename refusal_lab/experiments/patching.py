@@ -14,7 +14,6 @@ import random
 import time
 from collections.abc import Sequence
 from itertools import zip_longest
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,9 +24,11 @@ from tqdm.auto import tqdm
 
 from refusal_lab.errors import ConfigError
 from refusal_lab.experiments.registry import ExperimentResult, register_experiment
+from refusal_lab.patching.attribution import attribution_deltas, score_gradients, spearman, top_k_overlap
 from refusal_lab.patching.engine import CachedRun, Variant, patch_fast, patch_naive, run_cached
 from refusal_lab.patching.stats import bootstrap_ci, nan_mean, normalised_effect
 from refusal_lab.patching.sweeps import SWEEPS, layer_range, post_instruction_tokens, shared_span, sweep_shape, sweep_variants
+from refusal_lab.viz import draw_circuit, write_dashboard
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,25 @@ DIRECTIONS = {
 _RANKED = ("head", "attn", "mlp")
 
 
+METHODS = ("exact", "attribution")
+
+
 @register_experiment("patching", needs_pairs=True)
+@register_experiment("attribution", needs_pairs=True)
 def run_patching(runner: Any, cfg: DictConfig) -> ExperimentResult:
+    """``experiment=patching`` (exact effects, attribution beside them) and ``experiment=attribution`` (the reverse)."""
     exp = cfg.experiment
+    name = str(exp.name)
     model, adapter = runner.model.model, runner.model.adapter
     sweeps = _names(exp.sweeps, SWEEPS, "experiment.sweeps")
     directions = _names(exp.directions, DIRECTIONS, "experiment.directions")
+    method = _names([exp.method], dict.fromkeys(METHODS), "experiment.method")[0]
+    other = exp.get("compare_with")
+    if other is not None and (other not in METHODS or other == method):
+        raise ConfigError(f"experiment.compare_with={other!r}; use the other method ({', '.join(m for m in METHODS if m != method)}) or null")
+    compared = (_names(exp.compare_sweeps, SWEEPS, "experiment.compare_sweeps") if exp.get("compare_sweeps") else sweeps) if other else []
+    if set(compared) - set(sweeps):
+        raise ConfigError(f"experiment.compare_sweeps={compared} must be among experiment.sweeps={sweeps}")
     layers = layer_range(exp.get("layers"), adapter.n_layers, "experiment.layers")
     n_post = post_instruction_tokens(runner.model.tokenizer, runner.system_prompt)
     positions = {
@@ -57,20 +71,22 @@ def run_patching(runner: Any, cfg: DictConfig) -> ExperimentResult:
     engine = str(exp.engine)
     if engine not in ("fast", "naive"):
         raise ConfigError(f"experiment.engine={engine!r}; use fast (exact, batched) or naive (one forward pass per patch)")
+    plan = {method: sweeps, **({other: compared} if other else {})}
+    exact_needed = "exact" in plan
 
     pairs = balanced_order(runner.prompts.pairs())
     texts = runner.chat_texts([r for pair in pairs for r in pair])
     encoded = [runner.model.tokenizer(t, return_tensors="pt", add_special_tokens=False)["input_ids"] for t in texts]
     max_pairs = exp.get("max_pairs")
     shapes = {s: sweep_shape(s, adapter.n_layers, adapter.n_heads, positions.get(s, 0)) for s in sweeps}
-    effects: dict[str, dict[str, list[np.ndarray]]] = {d: {s: [] for s in sweeps} for d in directions}
+    effects = {m: {d: {s: [] for s in plan[m]} for d in directions} for m in plan}
     pair_rows: list[dict[str, Any]] = []
-    kept: list[int] = []
     exactness: dict[str, Any] = {}
+    seconds = dict.fromkeys(plan, 0.0)
     started = time.perf_counter()
-    progress = tqdm(total=len(pairs) if max_pairs is None else min(len(pairs), int(max_pairs)), desc="patching pairs", unit="pair")
+    progress = tqdm(total=len(pairs) if max_pairs is None else min(len(pairs), int(max_pairs)), desc=f"{name} pairs", unit="pair")
     for index, (harmful, harmless) in enumerate(pairs):
-        if max_pairs is not None and len(kept) >= int(max_pairs):
+        if max_pairs is not None and sum(r["kept"] for r in pair_rows) >= int(max_pairs):
             break
         runs = {
             "harmful": run_cached(model, adapter, encoded[2 * index], runner.refusal_ids),
@@ -88,101 +104,158 @@ def run_patching(runner: Any, cfg: DictConfig) -> ExperimentResult:
         pair_rows.append(row)
         if not row["kept"]:
             continue
+        gradients = {}
+        if "attribution" in plan:
+            clock = time.perf_counter()
+            gradients = {label: score_gradients(model, adapter, runs[label], runner.refusal_ids) for label in runs}
+            seconds["attribution"] += time.perf_counter() - clock
         for direction in directions:
             target_label, source_label = DIRECTIONS[direction]
             target, source = runs[target_label], runs[source_label]
-            for sweep in sweeps:
-                variants = sweep_variants(sweep, layers, adapter.n_heads, span, positions.get(sweep, 0))
-                variants = [v for v in variants if -min(v.offsets) <= min(target.length, source.length)]
-                if engine == "fast":
-                    scores = patch_fast(adapter, target, source, variants, runner.refusal_ids, int(exp.max_batch_tokens))
-                else:
-                    scores = patch_naive(model, adapter, target, source, variants, runner.refusal_ids)
-                effect = normalised_effect(scores.numpy(), target.score, source.score)
-                effects[direction][sweep].append(_place(sweep, variants, effect, shapes[sweep], span))
-            if not exactness and int(exp.verify_variants) > 0:
+            for current, current_sweeps in plan.items():
+                clock = time.perf_counter()
+                for sweep in current_sweeps:
+                    variants = sweep_variants(sweep, layers, adapter.n_heads, span, positions.get(sweep, 0))
+                    variants = [v for v in variants if -min(v.offsets) <= min(target.length, source.length)]
+                    if current == "attribution":
+                        delta = attribution_deltas(target, gradients[target_label], source, variants, adapter.n_heads)
+                        effect = delta / (source.score - target.score)
+                    else:
+                        if engine == "fast":
+                            scores = patch_fast(adapter, target, source, variants, runner.refusal_ids, int(exp.max_batch_tokens))
+                        else:
+                            scores = patch_naive(model, adapter, target, source, variants, runner.refusal_ids)
+                        effect = normalised_effect(scores.numpy(), target.score, source.score)
+                    effects[current][direction][sweep].append(_place(sweep, variants, effect, shapes[sweep]))
+                seconds[current] += time.perf_counter() - clock
+            if exact_needed and engine == "fast" and not exactness and int(exp.verify_variants) > 0:
                 exactness = _verify(model, adapter, target, source, layers, span, positions, runner.refusal_ids, exp)
                 exactness.update(direction=direction, pair_id=harmful.pair_id)
-        kept.append(index)
         progress.update(1)
     progress.close()
     elapsed = time.perf_counter() - started
-    if not kept:
+    kept_rows = [row for row in pair_rows if row["kept"]]
+    if not kept_rows:
         raise ConfigError(
             f"no pair has a harmful score above its harmless one by experiment.min_gap={exp.min_gap}: "
             "this model does not separate the prompts, so there is no decision to patch (is it the refusal organism?)"
         )
 
     bootstrap = exp.bootstrap
-    summary: dict[str, Any] = {}
-    ranked: dict[str, list[dict[str, Any]]] = {}
+    categories = np.array([row["category"] for row in kept_rows])
+    summaries = {m: {} for m in plan}
     per_category: dict[str, Any] = {}
     arrays: dict[str, np.ndarray] = {}
-    kept_rows = [row for row in pair_rows if row["kept"]]
-    categories = np.array([row["category"] for row in kept_rows])
-    for direction in directions:
-        summary[direction] = {}
-        per_category[direction] = {}
-        for sweep in sweeps:
-            values = np.stack(effects[direction][sweep])
-            arrays[f"{direction}/{sweep}"] = values.astype(np.float32)
-            low, high = bootstrap_ci(values, int(bootstrap.resamples), float(bootstrap.level), int(cfg.seed))
-            summary[direction][sweep] = {
-                "mean": _json(nan_mean(values)), "ci_low": _json(low), "ci_high": _json(high),
-                "n_pairs": _json(np.sum(~np.isnan(values), axis=0)),
-            }
-            if sweep != "head_pos":
-                per_category[direction][sweep] = {
-                    c: _json(nan_mean(values[categories == c])) for c in sorted(set(categories))
+    for current in plan:
+        for direction in directions:
+            summaries[current][direction] = {}
+            for sweep in plan[current]:
+                values = np.stack(effects[current][direction][sweep])
+                arrays[f"{current}/{direction}/{sweep}"] = values.astype(np.float32)
+                low, high = bootstrap_ci(values, int(bootstrap.resamples), float(bootstrap.level), int(cfg.seed))
+                summaries[current][direction][sweep] = {
+                    "mean": _json(nan_mean(values)), "ci_low": _json(low), "ci_high": _json(high),
+                    "n_pairs": _json(np.sum(~np.isnan(values), axis=0)),
                 }
-        ranked[direction] = _rank(summary[direction], sweeps)
-    effects_path = effects_file(runner.output_dir)
+                if current == method and sweep != "head_pos":
+                    per_category.setdefault(direction, {})[sweep] = {
+                        c: _json(nan_mean(values[categories == c])) for c in sorted(set(categories))
+                    }
+    summary = summaries[method]
+    ranked = {direction: _rank(summary[direction], sweeps) for direction in directions}
+    agreement = _agreement(summaries, directions, compared, int(exp.agreement_top_k)) if other else {}
+    effects_path = runner.output_dir / "results" / f"{name}_effects.safetensors"
     effects_path.parent.mkdir(parents=True, exist_ok=True)
     save_file(
-        {**arrays, "pair_index": np.array(kept, dtype=np.int64)},
+        {**arrays, "pair_index": np.array([i for i, r in enumerate(pair_rows) if r["kept"]], dtype=np.int64)},
         str(effects_path),
-        metadata={"pair_ids": ",".join(str(row["pair_id"]) for row in kept_rows)},
+        metadata={"pair_ids": ",".join(str(row["pair_id"]) for row in kept_rows), "layout": "[pairs, *sweep shape]; NaN: not patched"},
     )
 
     metrics: dict[str, float] = {
-        "patching/n_pairs": float(len(kept)),
-        "patching/n_pairs_below_gap": float(sum(not r["kept"] for r in pair_rows)),
-        "patching/seconds": round(elapsed, 2),
-        "patching/seconds_per_pair": round(elapsed / len(kept), 3),
+        f"{name}/n_pairs": float(len(kept_rows)),
+        f"{name}/n_pairs_below_gap": float(len(pair_rows) - len(kept_rows)),
+        f"{name}/seconds": round(elapsed, 2),
+        **{f"{name}/seconds_{m}": round(t, 2) for m, t in seconds.items()},
     }
     if exactness:
-        metrics["patching/exactness_max_abs_diff"] = float(exactness["max_abs_diff"])
+        metrics[f"{name}/exactness_max_abs_diff"] = float(exactness["max_abs_diff"])
     for direction in directions:
         if ranked[direction]:
-            top = ranked[direction][0]
-            metrics[f"patching/{direction}/top_effect"] = float(top["effect"])
-    _log_summary(ranked, len(kept), len(pair_rows), elapsed)
-    return ExperimentResult(
-        metrics=metrics,
-        details={
-            "engine": engine,
-            "precision": runner.model.precision.name,
-            "layers": [layers[0], layers[-1] + 1],
-            "positions": {
-                "counted_from": "end (-1 is the last prompt token, the position the refusal score reads)",
-                "post_instruction_tokens": n_post,
-                "resid": list(range(-positions["resid"], 0)),
-                "head_pos": list(range(-positions["head_pos"], 0)),
-                "span": "per pair: the positions after the pair's common token prefix, aligned from the end "
-                        f"(at least the {n_post} post-instruction tokens); see the pairs table",
-            },
-            "sweeps": {s: SWEEPS[s] for s in sweeps},
-            "directions": {d: {"target": DIRECTIONS[d][0], "source": DIRECTIONS[d][1]} for d in directions},
-            "min_gap": float(exp.min_gap),
-            "bootstrap": {"resamples": int(bootstrap.resamples), "level": float(bootstrap.level), "over": "pairs"},
-            "effects": summary,
-            "ranked": ranked,
-            "per_category": per_category,
-            "exactness": exactness,
-            "effects_file": effects_path.name,
+            metrics[f"{name}/{direction}/top_effect"] = float(ranked[direction][0]["effect"])
+        for sweep, values in agreement.get(direction, {}).items():
+            metrics[f"{name}/agreement/{direction}/{sweep}/spearman"] = values["spearman"]
+            metrics[f"{name}/agreement/{direction}/{sweep}/top_k_overlap"] = values["top_k_overlap"]
+    _log_summary(name, ranked, agreement, len(kept_rows), len(pair_rows), elapsed)
+    details = {
+        "method": method,
+        "engine": engine if exact_needed else None,
+        "precision": runner.model.precision.name,
+        "layers": [layers[0], layers[-1] + 1],
+        "positions": {
+            "counted_from": "end (-1 is the last prompt token, the position the refusal score reads)",
+            "post_instruction_tokens": n_post,
+            "resid": list(range(-positions["resid"], 0)),
+            "head_pos": list(range(-positions["head_pos"], 0)),
+            "span": "per pair: the positions after the pair's common token prefix, aligned from the end "
+                    f"(at least the {n_post} post-instruction tokens); see the pairs table",
         },
-        tables={"pairs": pair_rows},
-    )
+        "sweeps": {s: SWEEPS[s] for s in sweeps},
+        "directions": {d: {"target": DIRECTIONS[d][0], "source": DIRECTIONS[d][1]} for d in directions},
+        "min_gap": float(exp.min_gap),
+        "bootstrap": {"resamples": int(bootstrap.resamples), "level": float(bootstrap.level), "over": "pairs"},
+        "effects": summary,
+        "ranked": ranked,
+        "per_category": per_category,
+        "comparison": {"method": other, "sweeps": compared, "effects": summaries[other]} if other else None,
+        "agreement": agreement,
+        "exactness": exactness,
+    }
+    folder = effects_path.parent
+    header = {
+        "title": f"{'Activation' if method == 'exact' else 'Attribution'} patching: {runner.model.name} at {runner.model.precision.name}",
+        "model": runner.model.name,
+        "prompts": f"{runner.prompts.name}, split {cfg.prompts.get('split') or 'all'}",
+        "pairs": f"{len(kept_rows)} of the {len(pair_rows)} examined (harmful score above harmless by at least {exp.min_gap})",
+    }
+    files = {
+        "effects": effects_path,
+        "dashboard": write_dashboard(details, header, folder / f"{name}_dashboard.html"),
+        "circuit": draw_circuit(ranked, details, adapter.n_layers, folder / "refusal_circuit.png"),
+    }
+    return ExperimentResult(metrics=metrics, details=details, tables={"pairs": pair_rows}, files=files)
+
+
+def _agreement(summaries: dict[str, Any], directions: Sequence[str], sweeps: Sequence[str], k: int) -> dict[str, Any]:
+    """Spearman correlation and top-k overlap of the mean effects, exact against attribution, per sweep."""
+    out: dict[str, Any] = {}
+    for direction in directions:
+        out[direction] = {}
+        for sweep in sweeps:
+            exact = np.array(summaries["exact"][direction][sweep]["mean"], dtype=float)
+            approx = np.array(summaries["attribution"][direction][sweep]["mean"], dtype=float)
+            present = ~np.isnan(exact) & ~np.isnan(approx)
+            labels = [_label(sweep, index) for index in zip(*np.nonzero(present))]
+            out[direction][sweep] = {
+                "spearman": spearman(exact[present], approx[present]),
+                "top_k_overlap": top_k_overlap(exact[present], approx[present], k),
+                "k": k,
+                "n_components": int(present.sum()),
+                "exact": [round(float(x), 5) for x in exact[present]],
+                "attribution": [round(float(x), 5) for x in approx[present]],
+                "labels": labels,
+            }
+    return out
+
+
+def _label(sweep: str, index: tuple[int, ...]) -> str:
+    if sweep == "head":
+        return f"L{index[0]}H{index[1]}"
+    if sweep == "head_pos":
+        return f"L{index[0]}H{index[1]} position {index[2]}"
+    if sweep == "resid":
+        return f"L{index[0]} position {index[1]}"
+    return f"L{index[0]} {sweep}"
 
 
 def balanced_order(pairs: Sequence[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
@@ -201,7 +274,7 @@ def _names(setting: Any, known: dict[str, Any], key: str) -> list[str]:
     return names
 
 
-def _place(sweep: str, variants: Sequence[Variant], effect: np.ndarray, shape: tuple[int, ...], span: int) -> np.ndarray:
+def _place(sweep: str, variants: Sequence[Variant], effect: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """One pair's effects in the sweep's array; cells the pair has no variant for stay NaN."""
     out = np.full(shape, np.nan)
     width = shape[-1] if sweep in ("resid", "head_pos") else 0
@@ -261,13 +334,15 @@ def _json(array: np.ndarray) -> Any:
     return [_json(a) for a in array] if array.ndim else (None if np.isnan(array) else round(float(array), 5))
 
 
-def _log_summary(ranked: dict[str, list[dict[str, Any]]], kept: int, total: int, elapsed: float) -> None:
-    log.info("Patched %d of %d pairs in %.1f s (the others' harmful score is not above their harmless one by min_gap)", kept, total, elapsed)
+def _log_summary(name: str, ranked: dict[str, list[dict[str, Any]]], agreement: dict[str, Any], kept: int, total: int, elapsed: float) -> None:
+    log.info("%s: %d of %d pairs in %.1f s (the others' harmful score is not above their harmless one by min_gap)", name, kept, total, elapsed)
     for direction, rows in ranked.items():
         top = ", ".join(f"{r['component']} {r['effect']:+.2f}" for r in rows[:5])
         log.info("%s, top components: %s", direction, top)
+        for sweep, values in agreement.get(direction, {}).items():
+            log.info(
+                "  attribution against exact, %s: Spearman %.2f, top-%d overlap %.0f%% (%d components)",
+                sweep, values["spearman"], values["k"], 100 * values["top_k_overlap"], values["n_components"],
+            )
 
 
-def effects_file(output_dir: Path) -> Path:
-    """Per-pair effects, one array per direction and sweep, [pairs, *sweep shape]."""
-    return output_dir / "results" / "patching_effects.safetensors"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from refusal_lab.errors import ConfigError
@@ -21,11 +22,14 @@ class ExperimentResult:
     metrics: flat scalars with ``/`` in their keys (``refusal_rate/harmful``), what a sweep compares.
     details: anything else JSON can hold (per-category tables, token ids).
     tables: named row lists, each written as ``results/<experiment>_<name>.jsonl`` and a W&B table.
+    files: what the experiment wrote itself (dashboards, figures, arrays), by name; the runner lists
+        them in the results file and the tracker uploads them (HTML and PNG files also as media).
     """
 
     metrics: dict[str, float]
     details: dict[str, Any] = field(default_factory=dict)
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
 
 
 ExperimentFn = Callable[["Runner", "DictConfig"], ExperimentResult]

@@ -27,6 +27,7 @@ _PACKAGES = (
 class ResultFiles:
     results: Path
     tables: dict[str, Path]
+    files: dict[str, Path]
 
 
 def package_versions() -> dict[str, str | None]:
@@ -56,11 +57,12 @@ def write_results(output_dir: Path, experiment: str, result: ExperimentResult, p
         "metrics": result.metrics,
         "details": result.details,
         "tables": {name: path.name for name, path in tables.items()},
+        "files": {name: str(path.relative_to(output_dir)) if path.is_relative_to(output_dir) else str(path) for name, path in result.files.items()},
         **provenance,
     }
     path = folder / f"{experiment}.json"
     path.write_text(json.dumps(_finite(redact_secrets(document)), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return ResultFiles(path, tables)
+    return ResultFiles(path, tables, dict(result.files))
 
 
 def _finite(value: Any) -> Any:

@@ -104,9 +104,14 @@ class WandbTracker:
                     columns = list(rows[0])
                     data = [[_cell(row.get(c)) for c in columns] for row in redact_secrets(rows)]
                     self.run.log({f"{self.experiment}/{name}": wandb.Table(columns=columns, data=data)})
+            for name, path in files.files.items():
+                if path.suffix == ".html":
+                    self.run.log({f"{self.experiment}/{name}": wandb.Html(path.read_text(encoding="utf-8"))})
+                elif path.suffix == ".png":
+                    self.run.log({f"{self.experiment}/{name}": wandb.Image(str(path))})
             artifact = wandb.Artifact(f"{self.experiment}-results", type="results")
             artifact.add_file(str(files.results))
-            for path in files.tables.values():
+            for path in [*files.tables.values(), *files.files.values()]:
                 artifact.add_file(str(path))
             self.run.log_artifact(artifact)
         except Exception as error:  # noqa: BLE001
