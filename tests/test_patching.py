@@ -123,11 +123,40 @@ def test_attribution_is_the_first_order_term_of_exact_patching() -> None:
     assert all(p.grad is None for p in model.parameters()), "attribution must not leave gradients on the weights"
 
 
+def test_bootstrap_interval_holds_the_mean_and_needs_three_pairs() -> None:
+    from refusal_lab.patching.stats import bootstrap_ci, nan_mean
+
+    values = np.random.default_rng(0).normal(0.5, 0.2, size=(30, 4))
+    values[2:, 3] = np.nan  # a cell only two pairs have
+    low, high = bootstrap_ci(values, 500, 0.95, seed=0)
+    mean = nan_mean(values)
+    assert (low[:3] < mean[:3]).all() and (mean[:3] < high[:3]).all()
+    assert ((high - low)[:3] < 0.25).all()  # about 4 standard errors of 0.2 / sqrt(30)
+    assert np.isnan(low[3]) and np.isnan(high[3]) and not np.isnan(mean[3])
+
+
 def test_agreement_measures() -> None:
     a = np.array([0.1, 0.5, 0.3, 0.3, -0.2])
     assert spearman(a, a) == pytest.approx(1.0) and spearman(a, -a) == pytest.approx(-1.0)
     assert spearman(a, np.array([1.0, 5.0, 3.0, 3.0, -2.0])) == pytest.approx(1.0)  # ties keep their average rank
     assert top_k_overlap(a, a, 2) == 1.0 and top_k_overlap(a, -a, 2) == 0.0
+    assert np.isnan(top_k_overlap(a, -a, 5)) and np.isnan(spearman(a[:2], a[:2]))  # too few to mean anything
+
+
+def test_fast_engine_refuses_prompts_that_reach_a_sliding_window() -> None:
+    import transformers as T
+
+    from refusal_lab.errors import ConfigError
+
+    config = T.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, sliding_window=8)
+    model = T.MistralForCausalLM(config).eval()
+    adapter = adapter_for(model)
+    target_ids, source_ids = random_pair(64, 12, 12, 0)
+    target = run_cached(model, adapter, target_ids, REFUSAL_IDS)
+    source = run_cached(model, adapter, source_ids, REFUSAL_IDS)
+    with pytest.raises(ConfigError, match="attention window"):
+        patch_fast(adapter, target, source, [Variant("mlp_out", 0, (-1,))], REFUSAL_IDS)
 
 
 def test_variants_are_checked() -> None:
@@ -191,7 +220,7 @@ def test_attribution_experiment(tmp_path: Path, embedded_model_dir: Path) -> Non
     cfg = compose_config(
         [
             "experiment=attribution", "model=smollm2", f"model.path={embedded_model_dir}", "logger=none",
-            "prompts.limit=1", "experiment.layers=[20,30]", "experiment.min_gap=-100", "experiment.bootstrap.resamples=20",
+            "prompts.limit=1", "experiment.layers=[20,30]", "experiment.min_gap=0.1", "prompts.split=null", "experiment.bootstrap.resamples=20",
         ],
         tmp_path,
     )
@@ -208,7 +237,7 @@ def test_patching_experiment_writes_effects_ranked_components_and_checks_itself(
     cfg = compose_config(
         [
             "experiment=patching", "model=smollm2", f"model.path={embedded_model_dir}", "logger=none",
-            "prompts.limit=2", "experiment.layers=[26,30]", "experiment.min_gap=-100", "experiment.verify_variants=4",
+            "prompts.limit=2", "experiment.layers=[26,30]", "experiment.min_gap=0.1", "prompts.split=null", "experiment.verify_variants=4",
             "experiment.bootstrap.resamples=50",
         ],
         tmp_path,
@@ -224,7 +253,7 @@ def test_patching_experiment_writes_effects_ranked_components_and_checks_itself(
     assert np.array(effects["resid"]["mean"], dtype=float).shape == (30, 10)
     assert np.array(effects["head_pos"]["mean"], dtype=float).shape == (30, 9, 6)
     low, high, mean = (np.array(effects["mlp"][k], dtype=float)[26:] for k in ("ci_low", "ci_high", "mean"))
-    assert (low <= mean + 1e-9).all() and (mean <= high + 1e-9).all()
+    assert np.isnan(low).all() and np.isnan(high).all()  # two pairs: too few for an interval
     ranked = details["ranked"]["harmful_to_harmless"]
     assert len(ranked) == 4 * 9 + 4 + 4 and [r["effect"] for r in ranked] == sorted((r["effect"] for r in ranked), reverse=True)
     arrays = load_file(str(tmp_path / document["files"]["effects"]))
@@ -242,3 +271,38 @@ def test_patching_experiment_writes_effects_ranked_components_and_checks_itself(
     pairs = [json.loads(line) for line in (Path(out["results_path"]).parent / "patching_pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == 2 and all(p["kept"] and p["span"] >= 5 for p in pairs)
     assert OmegaConf.select(cfg, "experiment.engine") == "fast"
+
+
+def test_activation_cache_reuses_runs_and_never_serves_stale_ones(tmp_path: Path, embedded_model_dir: Path) -> None:
+    from types import SimpleNamespace
+
+    from refusal_lab.interventions.activation_cache import ActivationCache, model_key
+    from refusal_lab.models.precision import resolve_precision
+
+    overrides = [
+        "experiment=patching", "model=smollm2", f"model.path={embedded_model_dir}", "logger=none", "prompts.limit=1",
+        "experiment.layers=[28,30]", "experiment.min_gap=0.1", "prompts.split=null", "experiment.sweeps=[mlp]", "experiment.compare_with=null",
+        "experiment.activation_cache=true", f"paths.cache_dir={tmp_path / 'cache'}", "experiment.bootstrap.resamples=10",
+    ]
+    first = json.loads(Path(run(compose_config(overrides, tmp_path / "a"))["results_path"]).read_text())["details"]
+    second = json.loads(Path(run(compose_config(overrides, tmp_path / "b"))["results_path"]).read_text())["details"]
+    assert (first["activation_cache"]["hits"], first["activation_cache"]["misses"]) == (0, 2)
+    assert (second["activation_cache"]["hits"], second["activation_cache"]["misses"]) == (2, 0)
+    assert second["effects"] == first["effects"]
+
+    # The key follows the weights' contents, not their folder: a changed file is a new key.
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"one")
+    config = SimpleNamespace(_attn_implementation="sdpa")
+    loaded = SimpleNamespace(
+        source=SimpleNamespace(kind="local", location=str(folder)), model=SimpleNamespace(config=config),
+        precision=resolve_precision(OmegaConf.create({"name": "fp32", "dtype": "float32"}), "cpu"),
+        adapter=SimpleNamespace(config=config), devices=lambda: ["cpu"],
+    )
+    before = model_key(loaded, tmp_path / "cache")
+    (folder / "model.safetensors").write_bytes(b"two")
+    assert model_key(loaded, tmp_path / "cache") != before
+    cache = ActivationCache(before, tmp_path / "cache" / "activations")
+    ids = torch.tensor([[1, 2, 3]])
+    assert cache.key(ids, ["resid_pre"]) != cache.key(ids, ["resid_pre", "mlp_out"]) != cache.key(ids[:, :2], ["resid_pre"])

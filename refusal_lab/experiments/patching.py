@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Sequence
 from itertools import zip_longest
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from refusal_lab.errors import ConfigError
 from refusal_lab.experiments.registry import ExperimentResult, register_experiment
+from refusal_lab.interventions.activation_cache import ActivationCache, model_key
 from refusal_lab.patching.attribution import attribution_deltas, score_gradients, spearman, top_k_overlap
 from refusal_lab.patching.engine import CachedRun, Variant, patch_fast, patch_naive, run_cached
 from refusal_lab.patching.stats import bootstrap_ci, nan_mean, normalised_effect
@@ -71,8 +73,18 @@ def run_patching(runner: Any, cfg: DictConfig) -> ExperimentResult:
     engine = str(exp.engine)
     if engine not in ("fast", "naive"):
         raise ConfigError(f"experiment.engine={engine!r}; use fast (exact, batched) or naive (one forward pass per patch)")
+    if float(exp.min_gap) <= 0:
+        raise ConfigError(
+            f"experiment.min_gap={exp.min_gap} must be positive: effects divide by the pair's score gap, "
+            "and a pair the model does not separate has no decision to patch"
+        )
     plan = {method: sweeps, **({other: compared} if other else {})}
     exact_needed = "exact" in plan
+
+    cache = None
+    if exp.get("activation_cache"):
+        cache_dir = Path(cfg.paths.cache_dir)
+        cache = ActivationCache(model_key(runner.model, cache_dir), cache_dir / "activations")
 
     pairs = balanced_order(runner.prompts.pairs())
     texts = runner.chat_texts([r for pair in pairs for r in pair])
@@ -89,8 +101,8 @@ def run_patching(runner: Any, cfg: DictConfig) -> ExperimentResult:
         if max_pairs is not None and sum(r["kept"] for r in pair_rows) >= int(max_pairs):
             break
         runs = {
-            "harmful": run_cached(model, adapter, encoded[2 * index], runner.refusal_ids),
-            "harmless": run_cached(model, adapter, encoded[2 * index + 1], runner.refusal_ids),
+            "harmful": run_cached(model, adapter, encoded[2 * index], runner.refusal_ids, cache=cache),
+            "harmless": run_cached(model, adapter, encoded[2 * index + 1], runner.refusal_ids, cache=cache),
         }
         gap = runs["harmful"].score - runs["harmless"].score
         span = shared_span(runs["harmful"].ids, runs["harmless"].ids, n_post)
@@ -107,7 +119,8 @@ def run_patching(runner: Any, cfg: DictConfig) -> ExperimentResult:
         gradients = {}
         if "attribution" in plan:
             clock = time.perf_counter()
-            gradients = {label: score_gradients(model, adapter, runs[label], runner.refusal_ids) for label in runs}
+            targets = {DIRECTIONS[d][0] for d in directions}
+            gradients = {label: score_gradients(model, adapter, runs[label], runner.refusal_ids) for label in targets}
             seconds["attribution"] += time.perf_counter() - clock
         for direction in directions:
             target_label, source_label = DIRECTIONS[direction]
@@ -116,10 +129,9 @@ def run_patching(runner: Any, cfg: DictConfig) -> ExperimentResult:
                 clock = time.perf_counter()
                 for sweep in current_sweeps:
                     variants = sweep_variants(sweep, layers, adapter.n_heads, span, positions.get(sweep, 0))
-                    variants = [v for v in variants if -min(v.offsets) <= min(target.length, source.length)]
                     if current == "attribution":
                         delta = attribution_deltas(target, gradients[target_label], source, variants, adapter.n_heads)
-                        effect = delta / (source.score - target.score)
+                        effect = normalised_effect(target.score + delta, target.score, source.score)
                     else:
                         if engine == "fast":
                             scores = patch_fast(adapter, target, source, variants, runner.refusal_ids, int(exp.max_batch_tokens))
@@ -129,7 +141,7 @@ def run_patching(runner: Any, cfg: DictConfig) -> ExperimentResult:
                     effects[current][direction][sweep].append(_place(sweep, variants, effect, shapes[sweep]))
                 seconds[current] += time.perf_counter() - clock
             if exact_needed and engine == "fast" and not exactness and int(exp.verify_variants) > 0:
-                exactness = _verify(model, adapter, target, source, layers, span, positions, runner.refusal_ids, exp)
+                exactness = _verify(model, adapter, target, source, layers, span, positions, runner.refusal_ids, exp, runner.model.precision.name)
                 exactness.update(direction=direction, pair_id=harmful.pair_id)
         progress.update(1)
     progress.close()
@@ -152,7 +164,7 @@ def run_patching(runner: Any, cfg: DictConfig) -> ExperimentResult:
             for sweep in plan[current]:
                 values = np.stack(effects[current][direction][sweep])
                 arrays[f"{current}/{direction}/{sweep}"] = values.astype(np.float32)
-                low, high = bootstrap_ci(values, int(bootstrap.resamples), float(bootstrap.level), int(cfg.seed))
+                low, high = bootstrap_ci(values, int(bootstrap.resamples), float(bootstrap.level), int(cfg.seed), min_pairs=3)
                 summaries[current][direction][sweep] = {
                     "mean": _json(nan_mean(values)), "ci_low": _json(low), "ci_high": _json(high),
                     "n_pairs": _json(np.sum(~np.isnan(values), axis=0)),
@@ -210,6 +222,7 @@ def run_patching(runner: Any, cfg: DictConfig) -> ExperimentResult:
         "comparison": {"method": other, "sweeps": compared, "effects": summaries[other]} if other else None,
         "agreement": agreement,
         "exactness": exactness,
+        "activation_cache": cache.describe() if cache is not None else "memory, this run only",
     }
     folder = effects_path.parent
     header = {
@@ -221,7 +234,7 @@ def run_patching(runner: Any, cfg: DictConfig) -> ExperimentResult:
     files = {
         "effects": effects_path,
         "dashboard": write_dashboard(details, header, folder / f"{name}_dashboard.html"),
-        "circuit": draw_circuit(ranked, details, adapter.n_layers, folder / "refusal_circuit.png"),
+        "circuit": draw_circuit(ranked, details, adapter.n_layers, folder / "refusal_circuit.png", method=method),
     }
     return ExperimentResult(metrics=metrics, details=details, tables={"pairs": pair_rows}, files=files)
 
@@ -235,7 +248,7 @@ def _agreement(summaries: dict[str, Any], directions: Sequence[str], sweeps: Seq
             exact = np.array(summaries["exact"][direction][sweep]["mean"], dtype=float)
             approx = np.array(summaries["attribution"][direction][sweep]["mean"], dtype=float)
             present = ~np.isnan(exact) & ~np.isnan(approx)
-            labels = [_label(sweep, index) for index in zip(*np.nonzero(present))]
+            labels = [_label(sweep, index, exact.shape) for index in zip(*np.nonzero(present))]
             out[direction][sweep] = {
                 "spearman": spearman(exact[present], approx[present]),
                 "top_k_overlap": top_k_overlap(exact[present], approx[present], k),
@@ -248,14 +261,15 @@ def _agreement(summaries: dict[str, Any], directions: Sequence[str], sweeps: Seq
     return out
 
 
-def _label(sweep: str, index: tuple[int, ...]) -> str:
-    if sweep == "head":
-        return f"L{index[0]}H{index[1]}"
-    if sweep == "head_pos":
-        return f"L{index[0]}H{index[1]} position {index[2]}"
-    if sweep == "resid":
-        return f"L{index[0]} position {index[1]}"
-    return f"L{index[0]} {sweep}"
+def _label(sweep: str, index: tuple[int, ...], shape: tuple[int, ...]) -> str:
+    """A component's name; positions as offsets from the end, as everywhere in the results."""
+    if sweep in ("head", "head_pos"):
+        name = f"L{index[0]}H{index[1]}"
+    else:
+        name = f"L{index[0]}" + ("" if sweep == "resid" else f" {sweep}")
+    if sweep in ("resid", "head_pos"):
+        name += f" position {index[-1] - shape[-1]}"
+    return name
 
 
 def balanced_order(pairs: Sequence[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
@@ -301,32 +315,43 @@ def _rank(summary: dict[str, Any], sweeps: Sequence[str]) -> list[dict[str, Any]
             if np.isnan(mean[index]):
                 continue
             layer = int(index[0])
-            name = f"L{layer}H{index[1]}" if sweep == "head" else f"L{layer} {sweep}"
             rows.append({
-                "component": name, "kind": sweep, "layer": layer, "head": int(index[1]) if sweep == "head" else None,
-                "effect": round(float(mean[index]), 5), "ci": [round(float(low[index]), 5), round(float(high[index]), 5)],
+                "component": _label(sweep, index, mean.shape), "kind": sweep, "layer": layer, "head": int(index[1]) if sweep == "head" else None,
+                "effect": round(float(mean[index]), 5), "ci": [_json(low[index]), _json(high[index])],
             })
     return sorted(rows, key=lambda r: r["effect"], reverse=True)
 
 
 def _verify(model: torch.nn.Module, adapter: Any, target: CachedRun, source: CachedRun, layers: list[int], span: int,
-            positions: dict[str, int], refusal_ids: list[int], exp: DictConfig) -> dict[str, Any]:
+            positions: dict[str, int], refusal_ids: list[int], exp: DictConfig, precision: str) -> dict[str, Any]:
     """Patch a few random variants both ways, fast and naive; a disagreement stops the run."""
     candidates = [
         v for sweep in ("resid", "head", "head_pos", "attn", "mlp")
         for v in sweep_variants(sweep, layers, adapter.n_heads, span, positions.get(sweep, 0))
-        if -min(v.offsets) <= min(target.length, source.length)
     ]
     chosen = random.Random(0).sample(candidates, min(int(exp.verify_variants), len(candidates)))
     fast = patch_fast(adapter, target, source, chosen, refusal_ids, int(exp.max_batch_tokens))
     naive = patch_naive(model, adapter, target, source, chosen, refusal_ids)
     diff = float((fast - naive).abs().max())
-    if diff > float(exp.verify_tolerance):
+    tolerance = verify_tolerance(exp.verify_tolerance, precision)
+    if diff > tolerance:
         raise RuntimeError(
-            f"fast patching differs from the plain forward pass by {diff:.2e} (tolerance {exp.verify_tolerance}) "
+            f"fast patching differs from the plain forward pass by {diff:.2e} (tolerance {tolerance:g} at {precision}) "
             f"on {len(chosen)} variants; run with experiment.engine=naive and report this model"
         )
-    return {"variants_checked": len(chosen), "max_abs_diff": diff, "tolerance": float(exp.verify_tolerance)}
+    return {"variants_checked": len(chosen), "max_abs_diff": diff, "tolerance": tolerance, "precision": precision}
+
+
+def verify_tolerance(setting: Any, precision: str) -> float:
+    """Refusal-score difference allowed between the fast engine and the plain forward pass.
+
+    In fp32 the two differ by rounding alone. In half precision and with bitsandbytes, kernels
+    chosen by batch shape round differently (and 8-bit picks its outlier columns per batch), so the
+    bound is looser; ``{fp32: ..., other: ...}`` in the config, or one number for every precision.
+    """
+    if isinstance(setting, (int, float)):
+        return float(setting)
+    return float(setting["fp32"] if precision == "fp32" else setting["other"])
 
 
 def _json(array: np.ndarray) -> Any:

@@ -1,4 +1,4 @@
-"""Hooks on the Hugging Face modules, named through the architecture adapters: cache, patch, ablate, add."""
+"""Hooks on the Hugging Face modules, named through the architecture adapters: every experiment's way to read and change activations."""
 
 from refusal_lab.interventions.hooks import capture, intervene
 from refusal_lab.interventions.sites import SITE_KINDS, Site

@@ -2,8 +2,9 @@
 
 ``intervene`` registers a function per site for the length of a ``with`` block and removes every
 hook on the way out, also when the block raises. A function gets the site's tensor
-([batch, positions, width]) and returns a replacement, or None to leave it as it is; it must not
-change the tensor in place, so a cached copy can never be corrupted behind the caller's back.
+([batch, positions, width]) and returns a replacement, or None to leave it as it is. It must not
+change the tensor in place: ``capture`` keeps the tensors themselves (detached, not copied), so an
+in-place change would also change what was captured.
 """
 
 from __future__ import annotations

@@ -76,8 +76,8 @@ def _position_products(target: CachedRun, gradient: torch.Tensor, source: Cached
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Rank correlation, ties given their average rank."""
-    if a.size < 2:
+    """Rank correlation, ties given their average rank; NaN for fewer than 3 components (it would be +-1 by construction)."""
+    if a.size < 3:
         return float("nan")
     ra, rb = _ranks(a), _ranks(b)
     if ra.std() == 0 or rb.std() == 0:
@@ -86,9 +86,11 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def top_k_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
-    """Share of the k largest of ``a`` that are also among the k largest of ``b``."""
-    k = min(k, a.size)
-    if k == 0:
+    """Share of the k largest (signed) of ``a`` that are also among the k largest of ``b``.
+
+    NaN unless there are more than k components: with k or fewer, every component is in both tops.
+    """
+    if k < 1 or a.size <= k:
         return float("nan")
     return len(set(np.argsort(-a)[:k].tolist()) & set(np.argsort(-b)[:k].tolist())) / k
 

@@ -22,6 +22,7 @@ import torch
 
 from refusal_lab.errors import ConfigError
 from refusal_lab.interventions import SITE_KINDS, Site, capture, intervene
+from refusal_lab.interventions.activation_cache import ActivationCache
 from refusal_lab.metrics.refusal_score import refusal_score
 from refusal_lab.models.adapters import ArchitectureAdapter
 
@@ -63,20 +64,32 @@ class CachedRun:
 
 
 def run_cached(model: torch.nn.Module, adapter: ArchitectureAdapter, ids: torch.Tensor, refusal_ids: Sequence[int],
-               kinds: Sequence[str] = SITE_KINDS) -> CachedRun:
-    """Forward ``ids`` ([1, T]) once, keeping every layer's activations of ``kinds`` and its keys and values."""
-    store: dict[Site, torch.Tensor] = {}
-    sites = [Site(kind, layer) for kind in kinds for layer in range(adapter.n_layers)]
-    with torch.no_grad(), capture(adapter, sites, store):
-        out = model(input_ids=ids.to(adapter.input_device), use_cache=True, logits_to_keep=1)
-    cache = getattr(out, "cache", None) or out.past_key_values
-    keys, values = zip(*(_layer_kv(cache, layer) for layer in range(adapter.n_layers)))
+               kinds: Sequence[str] = SITE_KINDS, cache: ActivationCache | None = None) -> CachedRun:
+    """Forward ``ids`` ([1, T]) once, keeping every layer's activations of ``kinds`` and its keys and values.
+
+    With a ``cache``, a run it holds is read instead of computed, and a computed one is added to it.
+    """
+    key = cache.key(ids, list(kinds)) if cache is not None else ""
+    tensors = cache.get(key) if cache is not None else None
+    if tensors is None:
+        store: dict[Site, torch.Tensor] = {}
+        sites = [Site(kind, layer) for kind in kinds for layer in range(adapter.n_layers)]
+        with torch.no_grad(), capture(adapter, sites, store):
+            out = model(input_ids=ids.to(adapter.input_device), use_cache=True, logits_to_keep=1)
+        kv = getattr(out, "cache", None) or out.past_key_values
+        tensors = {"last_logits": out.logits[0, -1]}
+        tensors.update({str(site): tensor[0] for site, tensor in store.items()})
+        for layer in range(adapter.n_layers):
+            tensors[f"keys.{layer}"], tensors[f"values.{layer}"] = _layer_kv(kv, layer)
+        if cache is not None:
+            cache.put(key, tensors)
+    devices = [adapter.layer_device(layer) for layer in range(adapter.n_layers)]
     return CachedRun(
         ids=ids,
-        score=float(refusal_score(out.logits[0, -1], refusal_ids)),
-        acts={site: tensor[0] for site, tensor in store.items()},
-        keys=list(keys),
-        values=list(values),
+        score=float(refusal_score(tensors["last_logits"], refusal_ids)),
+        acts={Site(kind, layer): tensors[f"{kind}.{layer}"].to(devices[layer]) for kind in kinds for layer in range(adapter.n_layers)},
+        keys=[tensors[f"keys.{layer}"].to(devices[layer]) for layer in range(adapter.n_layers)],
+        values=[tensors[f"values.{layer}"].to(devices[layer]) for layer in range(adapter.n_layers)],
     )
 
 
@@ -96,8 +109,14 @@ def patch_naive(model: torch.nn.Module, adapter: ArchitectureAdapter, target: Ca
 
 def patch_fast(adapter: ArchitectureAdapter, target: CachedRun, source: CachedRun, variants: Sequence[Variant],
                refusal_ids: Sequence[int], max_batch_tokens: int = 8192) -> torch.Tensor:
-    """The same scores as ``patch_naive``, computing only what the patches can change."""
+    """The scores ``patch_naive`` computes (up to floating-point rounding), computing only what the patches can change."""
     _check_offsets(variants, target, source)
+    window = adapter.sliding_window()
+    if window is not None and max(target.length, source.length) >= window:
+        raise ConfigError(
+            f"prompts of {max(target.length, source.length)} tokens reach this model's attention window ({window}); "
+            "the fast engine builds full causal masks, so use experiment.engine=naive"
+        )
     scores = torch.empty(len(variants), dtype=torch.float64)
     by_start: dict[int, list[int]] = defaultdict(list)
     for i, variant in enumerate(variants):
@@ -149,9 +168,12 @@ def _run_from(adapter: ArchitectureAdapter, target: CachedRun, source: CachedRun
                 outputs.append(adapter.run_layer(layer, chunk, mask, position_ids, embeddings, cache))
         hidden = torch.cat(outputs)
     assert hidden is not None
-    logits = adapter.logits_from_residual(hidden[:, -1])
     result = torch.empty(len(variants), dtype=torch.float64)
-    result[order] = refusal_score(logits, refusal_ids).double().cpu()
+    scores = [
+        refusal_score(adapter.logits_from_residual(hidden[first:first + 256, -1]), refusal_ids)  # [rows, vocab] at a time
+        for first in range(0, hidden.shape[0], 256)
+    ]
+    result[order] = torch.cat(scores).double().cpu()
     return result
 
 

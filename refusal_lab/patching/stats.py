@@ -12,8 +12,12 @@ def normalised_effect(patched: np.ndarray, target: float, source: float) -> np.n
     return (patched - target) / (source - target)
 
 
-def bootstrap_ci(values: np.ndarray, resamples: int, level: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile interval of the mean over pairs (axis 0), resampling pairs; cells a pair lacks are NaN and skipped."""
+def bootstrap_ci(values: np.ndarray, resamples: int, level: float, seed: int, min_pairs: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval of the mean over pairs (axis 0), resampling pairs; cells a pair lacks are NaN and skipped.
+
+    A cell measured on fewer than ``min_pairs`` pairs gets no interval (NaN): resampling one or two
+    values gives an interval that looks far more certain than it is.
+    """
     rng = np.random.default_rng(seed)
     n = values.shape[0]
     if n == 0:
@@ -25,7 +29,11 @@ def bootstrap_ci(values: np.ndarray, resamples: int, level: float, seed: int) ->
         warnings.simplefilter("ignore", RuntimeWarning)
         for i in range(resamples):
             means[i] = np.nanmean(values[rng.integers(0, n, n)], axis=0)
-        return np.nanquantile(means, tail, axis=0), np.nanquantile(means, 1 - tail, axis=0)
+        low, high = np.nanquantile(means, tail, axis=0), np.nanquantile(means, 1 - tail, axis=0)
+    too_few = np.sum(~np.isnan(values), axis=0) < min_pairs
+    low[too_few] = np.nan
+    high[too_few] = np.nan
+    return low, high
 
 
 def nan_mean(values: np.ndarray) -> np.ndarray:

@@ -68,8 +68,14 @@ def shared_span(a: torch.Tensor, b: torch.Tensor, post_instruction: int) -> int:
 
 
 def sweep_variants(sweep: str, layers: Sequence[int], n_heads: int, span: int, positions: int) -> list[Variant]:
-    """The variants of one sweep for a pair; ``positions`` is how many per-position offsets it covers."""
+    """The variants of one sweep for a pair; ``positions`` is how many per-position offsets it covers.
+
+    Per-position sweeps stop at the pair's span: before it the two prompts share their tokens (the
+    activations are the same, the patch a no-op) or, for prompts of different lengths, the offsets
+    would pair different tokens. Those cells stay unmeasured (NaN) for the pair.
+    """
     whole = tuple(range(-span, 0))
+    positions = min(positions, span)
     if sweep == "resid":
         return [Variant("resid_pre", layer, (-p,)) for layer in layers for p in range(positions, 0, -1)]
     if sweep == "head":

@@ -19,13 +19,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
 
-def draw_circuit(ranked: dict[str, list[dict[str, Any]]], details: dict[str, Any], n_layers: int, path: Path, top_k: int = 12) -> Path:
-    """One panel per direction, each with its ``top_k`` components by effect."""
+def draw_circuit(ranked: dict[str, list[dict[str, Any]]], details: dict[str, Any], n_layers: int, path: Path,
+                 method: str = "exact", top_k: int = 12) -> Path:
+    """One panel per direction, each with its ``top_k`` components by effect (``method``: exact or attribution)."""
     directions = list(ranked)
     figure, axes = plt.subplots(len(directions), 1, figsize=(14, 4.2 * len(directions)), squeeze=False)
     for axis, direction in zip(axes[:, 0], directions):
         roles = details["directions"][direction]
-        _panel(axis, ranked[direction][:top_k], n_layers, f"{roles['source']} into {roles['target']}: top {top_k} components")
+        name = "activation patching" if method == "exact" else "attribution patching (gradient estimate)"
+        _panel(axis, ranked[direction][:top_k], n_layers, f"{roles['source']} into {roles['target']}, {name}: top {top_k} components")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=130)

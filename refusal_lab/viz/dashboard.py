@@ -17,6 +17,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+_SHOWN = 25  # ranked components listed per direction (all of them are in the results file)
 _SCALE = "RdBu_r"  # red: the patch moves the score toward the source run, blue: away from it; white: 0
 
 
@@ -29,7 +30,7 @@ def write_dashboard(details: dict[str, Any], header: dict[str, Any], path: Path)
         for figure in _direction_figures(direction, effects, details):
             parts.append(figure.to_html(full_html=False, include_plotlyjs=first, config={"displaylogo": False}))
             first = False
-        parts.append(_ranked_table(details["ranked"].get(direction, []), details.get("top_k_shown", 25)))
+        parts.append(_ranked_table(details["ranked"].get(direction, []), _SHOWN, details["bootstrap"]["level"]))
     if details.get("agreement"):
         parts.append("<h2>Attribution patching against exact patching</h2>")
         for figure in _agreement_figures(details["agreement"]):
@@ -61,10 +62,10 @@ def _direction_figures(direction: str, effects: dict[str, Any], details: dict[st
             x=[str(p) for p in positions["resid"]], x_title="position from the end (-1: where the refusal score is read)",
         ))
     if "head_pos" in effects:
-        figures.append(_head_positions(effects["head_pos"], positions["head_pos"]))
+        figures.append(_head_positions(effects["head_pos"], positions["head_pos"], positions["post_instruction_tokens"]))
     blocks = [k for k in ("attn", "mlp") if k in effects]
     if blocks:
-        figures.append(_blocks(effects, blocks, categories))
+        figures.append(_blocks(effects, blocks, categories, details["bootstrap"]["level"]))
     return figures
 
 
@@ -73,7 +74,9 @@ def _heatmap(summary: dict[str, Any], by_category: dict[str, Any], title: str, x
     low = np.array(summary["ci_low"], dtype=float)
     high = np.array(summary["ci_high"], dtype=float)
     n = np.array(summary["n_pairs"], dtype=float)
-    text = np.vectorize(lambda m, lo, hi, k: "" if np.isnan(m) else f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}], {int(k)} pairs")(mean, low, high, n)
+    text = np.vectorize(
+        lambda m, lo, hi, k: "" if np.isnan(m) else f"{m:+.3f} " + ("" if np.isnan(lo) else f"[{lo:+.3f}, {hi:+.3f}], ") + f"{int(k)} pairs"
+    )(mean, low, high, n)
     layers = [str(i) for i in range(mean.shape[0])]
     limit = _limit(mean)
     figure = go.Figure(go.Heatmap(
@@ -92,7 +95,7 @@ def _heatmap(summary: dict[str, Any], by_category: dict[str, Any], title: str, x
     return figure
 
 
-def _head_positions(summary: dict[str, Any], positions: Sequence[int]) -> go.Figure:
+def _head_positions(summary: dict[str, Any], positions: Sequence[int], post_instruction: int) -> go.Figure:
     mean = np.array(summary["mean"], dtype=float)  # [layers, heads, positions]
     limit = _limit(mean)
     figure = make_subplots(rows=1, cols=len(positions), shared_yaxes=True, subplot_titles=[f"position {p}" for p in positions])
@@ -105,11 +108,12 @@ def _head_positions(summary: dict[str, Any], positions: Sequence[int]) -> go.Fig
             ),
             row=1, col=i + 1,
         )
-    figure.update_layout(title="Attention heads at each post-instruction position", height=max(420, 18 * mean.shape[0]))
+    which = "post-instruction position" if len(positions) == post_instruction else "position"
+    figure.update_layout(title=f"Attention heads at each {which} (from the end)", height=max(420, 18 * mean.shape[0]))
     return figure
 
 
-def _blocks(effects: dict[str, Any], blocks: Sequence[str], categories: dict[str, Any]) -> go.Figure:
+def _blocks(effects: dict[str, Any], blocks: Sequence[str], categories: dict[str, Any], level: float) -> go.Figure:
     figure = go.Figure()
     names = {"attn": "attention block", "mlp": "MLP"}
     for block in blocks:
@@ -129,7 +133,7 @@ def _blocks(effects: dict[str, Any], blocks: Sequence[str], categories: dict[str
             ))
     figure.update_layout(
         title="Attention blocks and MLPs (output over the span); click a category in the legend",
-        xaxis_title="layer", yaxis_title="effect (mean, 95% interval)", height=460,
+        xaxis_title="layer", yaxis_title=f"effect (mean, {level:.0%} interval)", height=460,
     )
     return figure
 
@@ -152,15 +156,17 @@ def _agreement_figures(agreement: dict[str, Any]) -> list[go.Figure]:
     return figures
 
 
-def _ranked_table(rows: list[dict[str, Any]], shown: int) -> str:
+def _ranked_table(rows: list[dict[str, Any]], shown: int, level: float) -> str:
+    def interval(ci: Sequence[float | None]) -> str:
+        return "fewer than 3 pairs" if ci[0] is None or ci[1] is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
     body = "".join(
-        f"<tr><td>{i + 1}</td><td>{html.escape(r['component'])}</td><td>{r['effect']:+.3f}</td>"
-        f"<td>[{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]</td></tr>"
+        f"<tr><td>{i + 1}</td><td>{html.escape(r['component'])}</td><td>{r['effect']:+.3f}</td><td>{interval(r['ci'])}</td></tr>"
         for i, r in enumerate(rows[:shown])
     )
     return (
         f"<h3>Top {min(shown, len(rows))} components (heads, attention blocks, MLPs) by mean effect</h3>"
-        f"<table><tr><th>#</th><th>component</th><th>effect</th><th>95% interval</th></tr>{body}</table>"
+        f"<table><tr><th>#</th><th>component</th><th>effect</th><th>{level:.0%} interval</th></tr>{body}</table>"
     )
 
 

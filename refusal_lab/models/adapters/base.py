@@ -92,7 +92,13 @@ class ArchitectureAdapter:
         return self.embed.weight.device
 
     def layer_device(self, index: int) -> torch.device:
-        return next(self.layer(index).parameters()).device
+        """Where the layer computes; with accelerate offloading, its weights sit elsewhere (on meta) between calls."""
+        layer = self.layer(index)
+        hook = getattr(layer, "_hf_hook", None)
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device(device) if not isinstance(device, torch.device) else device
+        return next(layer.parameters()).device
 
     # -- running a slice of the stack --------------------------------------------------------
     # Exact patching starts a variant at its patched layer from cached residuals; these are the
@@ -115,6 +121,18 @@ class ArchitectureAdapter:
             **{_cache_kwarg(layer): cache},
         )
         return out[0] if isinstance(out, tuple) else out
+
+    def sliding_window(self) -> int | None:
+        """The smallest attention window of any layer that uses one (Mistral, Gemma 2/3, some Qwen2), or None."""
+        window = getattr(self.config, "sliding_window", None)
+        if not window:
+            return None
+        layer_types = getattr(self.config, "layer_types", None)
+        if layer_types is not None:
+            return int(window) if "sliding_attention" in layer_types else None
+        if self.config.model_type.startswith("qwen") and not getattr(self.config, "use_sliding_window", False):
+            return None
+        return int(window)
 
     def attention_mask_for(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A [1, 1, queries, keys] mask in the form the model's attention implementation reads.
