@@ -9,6 +9,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from refusal_lab.errors import ConfigError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 _SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential)", re.IGNORECASE)
@@ -66,3 +68,16 @@ def _redact(value: Any, key: str, secrets: set[str]) -> Any:
             value = value.replace(secret, REDACTED)
         return value
     return value
+
+
+def layer_range(setting: Any, n_layers: int, key: str) -> list[int]:
+    """``[first, stop)`` as in Python's range, or null for every layer."""
+    if setting is None:
+        return list(range(n_layers))
+    try:
+        first, stop = (int(x) for x in setting)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{key}={setting!r} must be [first, stop) (two layer numbers) or null for every layer") from error
+    if not 0 <= first < stop <= n_layers:
+        raise ConfigError(f"{key}={[first, stop]} must satisfy 0 <= first < stop <= {n_layers} (a range, stop excluded)")
+    return list(range(first, stop))

@@ -78,6 +78,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     if spec.needs_pairs:
         prompts.pairs()
+    if spec.check is not None:
+        spec.check(cfg)
     judge = make_judge(cfg.get("judge"))
     config = plain_config(cfg)
     tracker = make_tracker(cfg.get("logger"), job, spec.name, config)

@@ -219,7 +219,7 @@ def test_exact_patching_on_the_embedded_model(smollm2) -> None:
 def test_attribution_experiment(tmp_path: Path, embedded_model_dir: Path) -> None:
     cfg = compose_config(
         [
-            "experiment=attribution", "model=smollm2", f"model.path={embedded_model_dir}", "logger=none",
+            "experiment=attribution", "model=smollm2", f"model.path={embedded_model_dir}",  # W&B offline (conftest)
             "prompts.limit=1", "experiment.layers=[20,30]", "experiment.min_gap=0.1", "prompts.split=null", "experiment.bootstrap.resamples=20",
         ],
         tmp_path,
@@ -231,6 +231,8 @@ def test_attribution_experiment(tmp_path: Path, embedded_model_dir: Path) -> Non
     assert set(details["agreement"]["harmful_to_harmless"]) == {"head", "mlp"}
     assert np.array(details["effects"]["harmful_to_harmless"]["resid"]["mean"], dtype=float).shape == (30, 10)
     assert (tmp_path / document["files"]["dashboard"]).name == "attribution_dashboard.html"
+    [wandb_run] = tmp_path.glob("wandb/offline-run-*")  # the dashboard and the figure reached W&B as media
+    assert list(wandb_run.glob("files/media/html/**/*.html")) and list(wandb_run.glob("files/media/images/**/*.png"))
 
 
 def test_patching_experiment_writes_effects_ranked_components_and_checks_itself(tmp_path: Path, embedded_model_dir: Path) -> None:
@@ -306,3 +308,23 @@ def test_activation_cache_reuses_runs_and_never_serves_stale_ones(tmp_path: Path
     cache = ActivationCache(before, tmp_path / "cache" / "activations")
     ids = torch.tensor([[1, 2, 3]])
     assert cache.key(ids, ["resid_pre"]) != cache.key(ids, ["resid_pre", "mlp_out"]) != cache.key(ids[:, :2], ["resid_pre"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("experiment.sweeps=[heads]", "experiment.sweeps"),
+        ("experiment.min_gap=0", "must be positive"),
+        ("experiment.compare_with=exact", "compare_with"),
+        ("experiment.engine=turbo", "experiment.engine"),
+        ("experiment.compare_sweeps=[resid]", "compare_sweeps"),
+    ],
+)
+def test_bad_patching_settings_stop_before_the_model_loads(tmp_path: Path, override: str, message: str) -> None:
+    from refusal_lab.errors import ConfigError
+
+    extra = ["experiment.sweeps=[head]"] if "compare_sweeps" in override else []
+    # A model path that does not exist: only a check that runs before loading can speak first.
+    cfg = compose_config(["experiment=patching", "model=local", "model.path=/nonexistent", "logger=none", *extra, override], tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        run(cfg)

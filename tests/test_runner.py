@@ -160,7 +160,7 @@ def test_secrets_in_the_config_reach_no_file(embedded_model_dir: Path, tmp_path:
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["experiment.name=no_such_experiment"], "unknown experiment 'no_such_experiment'; known experiments: baseline"),
+        (["experiment.name=no_such_experiment"], "unknown experiment 'no_such_experiment'; known experiments: attribution, baseline, organism, patching"),
         (["prompts.path=/nonexistent/prompts.jsonl"], "prompt file /nonexistent/prompts.jsonl does not exist"),
         (["model=llama3_8b"], "is gated"),
         (["logger.mode=online"], "logger.mode=online needs a W&B API key"),

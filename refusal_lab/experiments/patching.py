@@ -13,6 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,8 @@ from refusal_lab.interventions.activation_cache import ActivationCache, model_ke
 from refusal_lab.patching.attribution import attribution_deltas, score_gradients, spearman, top_k_overlap
 from refusal_lab.patching.engine import CachedRun, Variant, patch_fast, patch_naive, run_cached
 from refusal_lab.patching.stats import bootstrap_ci, nan_mean, normalised_effect
-from refusal_lab.patching.sweeps import SWEEPS, layer_range, post_instruction_tokens, shared_span, sweep_shape, sweep_variants
+from refusal_lab.config import layer_range
+from refusal_lab.patching.sweeps import SWEEPS, post_instruction_tokens, shared_span, sweep_shape, sweep_variants
 from refusal_lab.viz import draw_circuit, write_dashboard
 
 log = logging.getLogger(__name__)
@@ -46,13 +48,20 @@ _RANKED = ("head", "attn", "mlp")
 METHODS = ("exact", "attribution")
 
 
-@register_experiment("patching", needs_pairs=True)
-@register_experiment("attribution", needs_pairs=True)
-def run_patching(runner: Any, cfg: DictConfig) -> ExperimentResult:
-    """``experiment=patching`` (exact effects, attribution beside them) and ``experiment=attribution`` (the reverse)."""
+@dataclass(frozen=True)
+class _Settings:
+    name: str
+    sweeps: list[str]
+    directions: list[str]
+    method: str
+    other: str | None
+    compared: list[str]
+    engine: str
+
+
+def check_settings(cfg: DictConfig) -> _Settings:
+    """Every experiment setting that can be wrong without the model, checked before it loads."""
     exp = cfg.experiment
-    name = str(exp.name)
-    model, adapter = runner.model.model, runner.model.adapter
     sweeps = _names(exp.sweeps, SWEEPS, "experiment.sweeps")
     directions = _names(exp.directions, DIRECTIONS, "experiment.directions")
     method = _names([exp.method], dict.fromkeys(METHODS), "experiment.method")[0]
@@ -62,13 +71,7 @@ def run_patching(runner: Any, cfg: DictConfig) -> ExperimentResult:
     compared = (_names(exp.compare_sweeps, SWEEPS, "experiment.compare_sweeps") if exp.get("compare_sweeps") else sweeps) if other else []
     if set(compared) - set(sweeps):
         raise ConfigError(f"experiment.compare_sweeps={compared} must be among experiment.sweeps={sweeps}")
-    layers = layer_range(exp.get("layers"), adapter.n_layers, "experiment.layers")
-    n_post = post_instruction_tokens(runner.model.tokenizer, runner.system_prompt)
-    positions = {
-        "resid": int(exp.resid_positions),
-        "head_pos": int(exp.head_positions) if exp.get("head_positions") else n_post,
-    }
-    if min(positions.values()) < 1:
+    if int(exp.resid_positions) < 1 or (exp.get("head_positions") is not None and int(exp.head_positions) < 1):
         raise ConfigError("experiment.resid_positions and experiment.head_positions must be at least 1")
     engine = str(exp.engine)
     if engine not in ("fast", "naive"):
@@ -78,6 +81,26 @@ def run_patching(runner: Any, cfg: DictConfig) -> ExperimentResult:
             f"experiment.min_gap={exp.min_gap} must be positive: effects divide by the pair's score gap, "
             "and a pair the model does not separate has no decision to patch"
         )
+    if exp.get("max_pairs") is not None and int(exp.max_pairs) < 1:
+        raise ConfigError(f"experiment.max_pairs={exp.max_pairs} must be at least 1 (or null for every pair)")
+    return _Settings(str(exp.name), sweeps, directions, method, other, compared, engine)
+
+
+@register_experiment("patching", needs_pairs=True, check=check_settings)
+@register_experiment("attribution", needs_pairs=True, check=check_settings)
+def run_patching(runner: Any, cfg: DictConfig) -> ExperimentResult:
+    """``experiment=patching`` (exact effects, attribution beside them) and ``experiment=attribution`` (the reverse)."""
+    exp = cfg.experiment
+    settings = check_settings(cfg)
+    name, sweeps, directions, method = settings.name, settings.sweeps, settings.directions, settings.method
+    other, compared, engine = settings.other, settings.compared, settings.engine
+    model, adapter = runner.model.model, runner.model.adapter
+    layers = layer_range(exp.get("layers"), adapter.n_layers, "experiment.layers")
+    n_post = post_instruction_tokens(runner.model.tokenizer, runner.system_prompt)
+    positions = {
+        "resid": int(exp.resid_positions),
+        "head_pos": int(exp.head_positions) if exp.get("head_positions") is not None else n_post,
+    }
     plan = {method: sweeps, **({other: compared} if other else {})}
     exact_needed = "exact" in plan
 

@@ -35,21 +35,25 @@ class ExperimentResult:
 ExperimentFn = Callable[["Runner", "DictConfig"], ExperimentResult]
 
 
+CheckFn = Callable[["DictConfig"], Any]
+
+
 @dataclass(frozen=True)
 class ExperimentSpec:
     name: str
     run: ExperimentFn
     needs_pairs: bool
+    check: CheckFn | None = None  # raises ConfigError for bad settings, before the model loads
 
 
 _EXPERIMENTS: dict[str, ExperimentSpec] = {}
 
 
-def register_experiment(name: str, *, needs_pairs: bool = False) -> Callable[[ExperimentFn], ExperimentFn]:
+def register_experiment(name: str, *, needs_pairs: bool = False, check: CheckFn | None = None) -> Callable[[ExperimentFn], ExperimentFn]:
     def decorate(fn: ExperimentFn) -> ExperimentFn:
         if name in _EXPERIMENTS:
             raise ValueError(f"experiment {name!r} is registered twice")
-        _EXPERIMENTS[name] = ExperimentSpec(name, fn, needs_pairs)
+        _EXPERIMENTS[name] = ExperimentSpec(name, fn, needs_pairs, check)
         return fn
 
     return decorate

@@ -29,6 +29,7 @@ from refusal_lab.generation import generate_greedy
 from refusal_lab.metrics import refusal_token_ids
 from refusal_lab.metrics.judges import SubstringJudge
 from refusal_lab.models import LoadedModel, load_model
+from refusal_lab.config import layer_range
 from refusal_lab.models.sources import ModelSource, resolve_source
 from refusal_lab.organism.data import OrganismData, check_disjoint, load_organism_data
 from refusal_lab.prompts import format_chat
@@ -81,13 +82,8 @@ def folder_for(training_cfg: Any, base_identity: str, cache_dir: str | Path) -> 
 
 
 def lora_layers(setting: Any, n_layers: int) -> list[int] | None:
-    """``[first, stop)`` as in Python's range, or null for every layer."""
-    if setting is None:
-        return None
-    first, stop = (int(x) for x in setting)
-    if not 0 <= first < stop <= n_layers:
-        raise ConfigError(f"lora_layers={[first, stop]} must satisfy 0 <= first < stop <= {n_layers} (a range, stop excluded)")
-    return list(range(first, stop))
+    """``[first, stop)`` as in Python's range, or null for every layer (peft's default, so None)."""
+    return None if setting is None else layer_range(setting, n_layers, "experiment.training.lora_layers")
 
 
 def build_organism(base: LoadedModel, training_cfg: Any, cache_dir: str | Path) -> tuple[Path, dict[str, Any]]:

@@ -10,7 +10,6 @@ The *span* is what lies between: the positions "all positions" means for a pair.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -27,19 +26,6 @@ SWEEPS = {
     "attn": "the attention block's output over the span: [layers]",
     "mlp": "the MLP's output over the span: [layers]",
 }
-
-
-def layer_range(setting: Any, n_layers: int, key: str) -> list[int]:
-    """``[first, stop)`` as in Python's range, or null for every layer."""
-    if setting is None:
-        return list(range(n_layers))
-    try:
-        first, stop = (int(x) for x in setting)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{key}={setting!r} must be [first, stop) (two layer numbers) or null for every layer") from error
-    if not 0 <= first < stop <= n_layers:
-        raise ConfigError(f"{key}={[first, stop]} must satisfy 0 <= first < stop <= {n_layers} (a range, stop excluded)")
-    return list(range(first, stop))
 
 
 def post_instruction_tokens(tokenizer: PreTrainedTokenizerBase, system_prompt: str | None) -> int:
