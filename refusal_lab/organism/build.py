@@ -25,11 +25,11 @@ import torch
 from omegaconf import OmegaConf
 
 from refusal_lab.errors import ConfigError
+from refusal_lab.config import layer_range
 from refusal_lab.generation import generate_greedy
 from refusal_lab.metrics import refusal_token_ids
 from refusal_lab.metrics.judges import SubstringJudge
 from refusal_lab.models import LoadedModel, load_model
-from refusal_lab.config import layer_range
 from refusal_lab.models.sources import ModelSource, resolve_source
 from refusal_lab.organism.data import OrganismData, check_disjoint, load_organism_data
 from refusal_lab.prompts import format_chat
