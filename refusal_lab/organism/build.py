@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from refusal_lab.errors import ConfigError
 from refusal_lab.config import layer_range
+from refusal_lab.errors import ConfigError
 from refusal_lab.generation import generate_greedy
 from refusal_lab.metrics import refusal_token_ids
 from refusal_lab.metrics.judges import SubstringJudge
