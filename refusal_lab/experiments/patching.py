@@ -178,24 +178,7 @@ def run_patching(runner: Any, cfg: DictConfig) -> ExperimentResult:
 
     bootstrap = exp.bootstrap
     categories = np.array([row["category"] for row in kept_rows])
-    summaries = {m: {} for m in plan}
-    per_category: dict[str, Any] = {}
-    arrays: dict[str, np.ndarray] = {}
-    for current in plan:
-        for direction in directions:
-            summaries[current][direction] = {}
-            for sweep in plan[current]:
-                values = np.stack(effects[current][direction][sweep])
-                arrays[f"{current}/{direction}/{sweep}"] = values.astype(np.float32)
-                low, high = bootstrap_ci(values, int(bootstrap.resamples), float(bootstrap.level), int(cfg.seed), min_pairs=3)
-                summaries[current][direction][sweep] = {
-                    "mean": _json(nan_mean(values)), "ci_low": _json(low), "ci_high": _json(high),
-                    "n_pairs": _json(np.sum(~np.isnan(values), axis=0)),
-                }
-                if current == method and sweep != "head_pos":
-                    per_category.setdefault(direction, {})[sweep] = {
-                        c: _json(nan_mean(values[categories == c])) for c in sorted(set(categories))
-                    }
+    summaries, per_category, arrays = _aggregate(effects, method, categories, bootstrap, int(cfg.seed))
     summary = summaries[method]
     ranked = {direction: _rank(summary[direction], sweeps) for direction in directions}
     agreement = _agreement(summaries, directions, compared, int(exp.agreement_top_k)) if other else {}
@@ -260,6 +243,30 @@ def run_patching(runner: Any, cfg: DictConfig) -> ExperimentResult:
         "circuit": draw_circuit(ranked, details, adapter.n_layers, folder / "refusal_circuit.png", method=method),
     }
     return ExperimentResult(metrics=metrics, details=details, tables={"pairs": pair_rows}, files=files)
+
+
+def _aggregate(effects: dict[str, Any], method: str, categories: np.ndarray, bootstrap: DictConfig,
+               seed: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray]]:
+    """Per method, direction and sweep: mean, interval and pair count (JSON-ready), per-category means
+    of the main method, and the per-pair arrays for the effects file."""
+    summaries: dict[str, Any] = {}
+    per_category: dict[str, Any] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for current, by_direction in effects.items():
+        for direction, by_sweep in by_direction.items():
+            for sweep, pairs in by_sweep.items():
+                values = np.stack(pairs)
+                arrays[f"{current}/{direction}/{sweep}"] = values.astype(np.float32)
+                low, high = bootstrap_ci(values, int(bootstrap.resamples), float(bootstrap.level), seed, min_pairs=3)
+                summaries.setdefault(current, {}).setdefault(direction, {})[sweep] = {
+                    "mean": _json(nan_mean(values)), "ci_low": _json(low), "ci_high": _json(high),
+                    "n_pairs": _json(np.sum(~np.isnan(values), axis=0)),
+                }
+                if current == method and sweep != "head_pos":
+                    per_category.setdefault(direction, {})[sweep] = {
+                        c: _json(nan_mean(values[categories == c])) for c in sorted(set(categories))
+                    }
+    return summaries, per_category, arrays
 
 
 def _agreement(summaries: dict[str, Any], directions: Sequence[str], sweeps: Sequence[str], k: int) -> dict[str, Any]:
