@@ -40,7 +40,11 @@ def test_main_command_writes_results_and_an_offline_wandb_run(embedded_model_dir
     log = out.stdout + out.stderr
     assert str(job_dir / "results" / "baseline.json") in log
     assert str(job_dir / "results" / "baseline_completions.jsonl") in log
+    assert str(job_dir / "results" / "baseline_dashboard.html") in log
     assert "W&B run:" in log and "wandb sync" in log
+    page = (job_dir / "results" / "baseline_dashboard.html").read_text()
+    assert "<script src=" not in page and page.count("Plotly.newPlot") == 2  # rates and scores, plotly.js inside
+    assert results["files"] == {"dashboard": "results/baseline_dashboard.html"}
 
     # the results file: metrics and everything needed to reproduce them
     metrics = results["metrics"]
@@ -69,7 +73,7 @@ def test_main_command_writes_results_and_an_offline_wandb_run(embedded_model_dir
         assert history[key] == pytest.approx(value), key
     artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
     results_artifact = next(a for a in artifacts if a.type == "results")
-    assert {m.path for m in results_artifact.manifest.contents} == {"baseline.json", "baseline_completions.jsonl"}
+    assert {m.path for m in results_artifact.manifest.contents} == {"baseline.json", "baseline_completions.jsonl", "baseline_dashboard.html"}
     assert any(a.type == "run_table" for a in artifacts), "the completions table was not logged"
     assert record_of(records, "exit").exit.exit_code == 0
 

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from refusal_lab.experiments.registry import ExperimentResult, register_experiment
 from refusal_lab.prompts import LABELS, PromptRecord
+from refusal_lab.viz.baseline import write_baseline_dashboard
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +22,18 @@ def run_baseline(runner: Any, cfg: DictConfig) -> ExperimentResult:
     rows = answer_rows(runner, runner.prompts.records, cfg.experiment, "baseline")
     metrics, per_category = summarize(rows)
     _log_summary(metrics, per_category)
+    facts = [
+        ("title", f"Baseline: {runner.model.name} at {runner.model.precision.name}"),
+        ("prompts", f"{runner.prompts.name}, split {cfg.prompts.get('split') or 'all'}, {len(rows)} prompts"),
+        ("judge", runner.judge.name),
+        ("completions", f"greedy, up to {cfg.experiment.max_new_tokens} new tokens"),
+    ]
+    dashboard = write_baseline_dashboard(rows, metrics, per_category, facts, runner.output_dir / "results" / "baseline_dashboard.html")
     return ExperimentResult(
         metrics=metrics,
         details={"per_category": per_category},
         tables={"completions": rows},
+        files={"dashboard": dashboard},
     )
 
 

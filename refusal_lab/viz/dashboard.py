@@ -17,28 +17,26 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from refusal_lab.viz.page import Page
+
 _SHOWN = 25  # ranked components listed per direction (all of them are in the results file)
 _SCALE = "RdBu_r"  # red: the patch moves the score toward the source run, blue: away from it; white: 0
 
 
 def write_dashboard(details: dict[str, Any], header: dict[str, Any], path: Path) -> Path:
     """Write the dashboard for a patching run's ``details`` (its results file) to ``path``."""
-    parts = [_header_html(details, header)]
-    first = True
+    page = Page(header.get("title", "Activation patching"))
+    page.facts(_facts(details, header))
     for direction, effects in details["effects"].items():
-        parts.append(f"<h2>{html.escape(_direction_title(direction, details))}</h2>")
+        page.heading(_direction_title(direction, details))
         for figure in _direction_figures(direction, effects, details):
-            parts.append(figure.to_html(full_html=False, include_plotlyjs=first, config={"displaylogo": False}))
-            first = False
-        parts.append(_ranked_table(details["ranked"].get(direction, []), _SHOWN, details["bootstrap"]["level"]))
+            page.figure(figure)
+        page.raw(_ranked_table(details["ranked"].get(direction, []), _SHOWN, details["bootstrap"]["level"]))
     if details.get("agreement"):
-        parts.append("<h2>Attribution patching against exact patching</h2>")
+        page.heading("Attribution patching against exact patching")
         for figure in _agreement_figures(details["agreement"]):
-            parts.append(figure.to_html(full_html=False, include_plotlyjs=first, config={"displaylogo": False}))
-            first = False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_PAGE.format(title=html.escape(header.get("title", "refusal_lab patching")), body="\n".join(parts)), encoding="utf-8")
-    return path
+            page.figure(figure)
+    return page.write(path)
 
 
 def _direction_title(direction: str, details: dict[str, Any]) -> str:
@@ -170,9 +168,9 @@ def _ranked_table(rows: list[dict[str, Any]], shown: int, level: float) -> str:
     )
 
 
-def _header_html(details: dict[str, Any], header: dict[str, Any]) -> str:
+def _facts(details: dict[str, Any], header: dict[str, Any]) -> list[tuple[str, object]]:
     exactness = details.get("exactness") or {}
-    facts = [
+    return [
         ("model", header.get("model", "")),
         ("precision", details.get("precision", "")),
         ("prompts", header.get("prompts", "")),
@@ -183,20 +181,8 @@ def _header_html(details: dict[str, Any], header: dict[str, Any]) -> str:
         ("effect", "(patched - target) / (source - target) of the refusal score; 0: no change, 1: all the way to the source run"),
         ("intervals", f"{details['bootstrap']['level']:.0%} bootstrap over pairs, {details['bootstrap']['resamples']} resamples"),
     ]
-    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
-    return f"<h1>{html.escape(header.get('title', 'Activation patching'))}</h1><table class='facts'>{rows}</table>"
 
 
 def _limit(values: np.ndarray) -> float:
     finite = np.abs(values[np.isfinite(values)])
     return float(max(finite.max(), 1e-6)) if finite.size else 1.0
-
-
-_PAGE = """<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>{title}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}} table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}} table.facts th{{background:#f4f4f4}}</style>
-</head><body>
-{body}
-</body></html>
-"""
