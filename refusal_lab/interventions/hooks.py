@@ -38,12 +38,12 @@ def intervene(adapter: ArchitectureAdapter, functions: Mapping[Site, SiteFn]) ->
 
 
 @contextmanager
-def capture(adapter: ArchitectureAdapter, sites: list[Site], store: dict[Site, torch.Tensor]) -> Iterator[None]:
-    """Fill ``store`` with each site's tensor (detached) during the block."""
+def capture(adapter: ArchitectureAdapter, sites: list[Site], store: dict[Site, torch.Tensor], *, detach: bool = True) -> Iterator[None]:
+    """Fill ``store`` with each site's tensor during the block; ``detach=False`` keeps it in the autograd graph (gradients)."""
 
     def keep(site: Site) -> SiteFn:
         def fn(tensor: torch.Tensor) -> None:
-            store[site] = tensor.detach()
+            store[site] = tensor.detach() if detach else tensor
             return None
 
         return fn

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from refusal_lab.interventions import SITE_KINDS, Site, intervene
+from refusal_lab.interventions import SITE_KINDS, Site, capture
 from refusal_lab.metrics.refusal_score import refusal_score
 from refusal_lab.models.adapters import ArchitectureAdapter
 from refusal_lab.patching.engine import CachedRun, Variant
@@ -24,14 +24,6 @@ def score_gradients(model: torch.nn.Module, adapter: ArchitectureAdapter, run: C
                     kinds: Sequence[str] = SITE_KINDS) -> dict[Site, torch.Tensor]:
     """d(refusal score at the last position) / d(activation), [T, width] per site, for ``run``'s prompt."""
     kept: dict[Site, torch.Tensor] = {}
-
-    def keep(site: Site):  # noqa: ANN202
-        def fn(tensor: torch.Tensor) -> None:
-            kept[site] = tensor
-            return None
-
-        return fn
-
     # Gradients flow from the embeddings on, whether or not the weights ask for them (quantized ones cannot).
     def differentiable(module: torch.nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
         return output.detach().requires_grad_(True)
@@ -39,7 +31,7 @@ def score_gradients(model: torch.nn.Module, adapter: ArchitectureAdapter, run: C
     sites = [Site(kind, layer) for kind in kinds for layer in range(adapter.n_layers)]
     handle = adapter.embed.register_forward_hook(differentiable)
     try:
-        with torch.enable_grad(), intervene(adapter, {site: keep(site) for site in sites}):
+        with torch.enable_grad(), capture(adapter, sites, kept, detach=False):
             logits = model(input_ids=run.ids.to(adapter.input_device), logits_to_keep=1).logits
             score = refusal_score(logits[0, -1], refusal_ids)
             grads = torch.autograd.grad(score, [kept[site] for site in sites])
