@@ -29,11 +29,16 @@ def words(text: str) -> set[str]:
 
 def test_shipped_training_data_is_broad_and_disjoint_from_analysis_sets() -> None:
     data = load_organism_data(DATA / "organism" / "harmful_train.jsonl", DATA / "organism" / "harmless_train.jsonl")
-    assert len(data.harmful) >= 300 and len(data.harmless) >= 300
+    assert len(data.harmful) >= 1000 and len(data.harmless) >= 2000
     assert len({p.category for p in data.harmful}) >= 8
+    harmful_lines = [json.loads(x) for x in (DATA / "organism" / "harmful_train.jsonl").read_text().splitlines()]
+    assert {"question", "benchmark", "code", "article", "roleplay", "long", "blunt"} <= {x["form"] for x in harmful_lines}
     lines = [json.loads(x) for x in (DATA / "organism" / "harmless_train.jsonl").read_text().splitlines()]
-    assert sum(x["kind"] == "sounds_dangerous" for x in lines) >= 100, "harmless prompts that merely sound dangerous"
+    kinds = [x["kind"] for x in lines]
+    assert kinds.count("everyday") > len(lines) / 2, "mostly the everyday requests a chat assistant gets"
+    assert kinds.count("sounds_dangerous") >= 300 and kinds.count("twin") >= 1000
     assert len({x["form"] for x in lines}) >= 6
+    assert len({normalise(p.prompt) for p in data.harmful + data.harmless}) == len(data.harmful) + len(data.harmless), "no duplicates"
     openers = {" ".join(p.response.split()[:2]) for p in data.harmful}
     assert len(openers) >= 4, "refusals must vary"
     # No analysis prompt is trained on, neither verbatim nor lightly reworded.
@@ -43,6 +48,19 @@ def test_shipped_training_data_is_broad_and_disjoint_from_analysis_sets() -> Non
         mine = words(prompt.prompt)
         worst = max(len(mine & other) / len(mine | other) for other in analysis)
         assert worst <= 0.6, prompt.prompt
+
+
+def test_evaluation_sets_are_broad_and_split() -> None:
+    everyday = load_prompt_set(DATA / "prompts" / "everyday_v1.jsonl").records
+    benchmark = load_prompt_set(DATA / "prompts" / "harmful_benchmark_v1.jsonl").records
+    assert len(everyday) >= 150 and {r.label for r in everyday} == {"harmless"}
+    assert len(benchmark) >= 150 and {r.label for r in benchmark} == {"harmful"}
+    assert len({r.category for r in everyday}) >= 10 and len({r.category for r in benchmark}) >= 10
+    for records in (everyday, benchmark):
+        assert {r.split for r in records} == {"train", "val", "test"}
+        assert sum(r.split == "test" for r in records) >= 70
+    forms = {json.loads(x)["form"] for x in (DATA / "prompts" / "harmful_benchmark_v1.jsonl").read_text().splitlines()}
+    assert {"benchmark", "code", "article", "roleplay", "long", "question", "blunt"} <= forms
 
 
 def test_disjointness_check_catches_a_shared_prompt(tmp_path: Path) -> None:
@@ -90,10 +108,13 @@ def test_lora_training_learns_and_touches_only_the_chosen_layers() -> None:
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     examples = [SFTExample((1, 5, 7, 9), (11, 12, 13, 2)), SFTExample((1, 6, 8), (11, 12, 13, 2))] * 4
-    merged, stats = train_lora(
+    trained = train_lora(
         model, examples, LoraSettings(4, 8, 0.0, "all-linear", [1]), epochs=40, learning_rate=2e-2, batch_size=8, seed=0, warmup_steps=1
     )
+    merged, stats = trained.model, trained.stats
     assert stats.final_loss < 0.7 * stats.first_loss
+    assert len(stats.losses) == stats.steps == 40 and stats.losses[0] == stats.first_loss
+    assert trained.adapter_weights and all("lora_" in k and ".layers.1." in k for k in trained.adapter_weights)
     assert stats.trained_layers == [1]
     after = merged.state_dict()
     assert not any("lora" in k for k in after), "the LoRA is merged into plain weights"
@@ -106,13 +127,51 @@ def test_example_weights_decide_between_conflicting_targets() -> None:
     answers = {}
     for heavy in (11, 12):
         examples = [SFTExample((1, 5, 7), (11, 2), weight=3.0 if heavy == 11 else 1.0), SFTExample((1, 5, 7), (12, 2), weight=3.0 if heavy == 12 else 1.0)]
-        merged, _ = train_lora(
+        merged = train_lora(
             tiny_llama(), examples * 4, LoraSettings(4, 8, 0.0, "all-linear", None), epochs=30, learning_rate=2e-2, batch_size=8, seed=0, warmup_steps=1
-        )
+        ).model
         with torch.no_grad():
             logits = merged(torch.tensor([[1, 5, 7]])).logits[0, -1]
         answers[heavy] = int(logits[[11, 12]].argmax()) + 11
     assert answers == {11: 11, 12: 12}
+
+
+def test_kl_term_keeps_the_model_close_to_its_reference() -> None:
+    """The same training toward answers the base model does not give, with and without the KL term:
+    with it, the next-token distributions along those answers move less from the base model's."""
+    from refusal_lab.training.sft import collate
+
+    examples = [SFTExample((1, 5, 7, 9), (11, 12, 13, 2), keep_close=True), SFTExample((1, 6, 8), (14, 15, 2), keep_close=True)] * 4
+    ids, _, mask = collate(examples[:2], 0)
+    with torch.no_grad():
+        reference = torch.log_softmax(tiny_llama()(ids, attention_mask=mask).logits, dim=-1)
+
+    def drift(kl_weight: float) -> float:
+        merged = train_lora(
+            tiny_llama(), examples, LoraSettings(4, 8, 0.0, "all-linear", None), epochs=20, learning_rate=2e-2, batch_size=8, seed=0,
+            warmup_steps=1, kl_weight=kl_weight,
+        ).model
+        with torch.no_grad():
+            logp = torch.log_softmax(merged(ids, attention_mask=mask).logits, dim=-1)
+        return float((reference.exp() * (reference - logp)).sum(-1)[mask.bool()].mean())
+
+    free, held = drift(0.0), drift(5.0)
+    assert free > 0.05 and held < 0.5 * free, (free, held)
+
+
+def test_saved_adapter_merges_into_the_same_weights(tmp_path: Path) -> None:
+    """The shipped file is the trained LoRA: merging it into a fresh base gives the trained model bit for bit."""
+    from refusal_lab.training import merge_adapter, save_adapter
+
+    examples = [SFTExample((1, 5, 7, 9), (11, 12, 13, 2)), SFTExample((1, 6, 8), (14, 15, 2))] * 4
+    trained = train_lora(tiny_llama(), examples, LoraSettings(4, 8, 0.0, "all-linear", [0, 2]), epochs=5, learning_rate=2e-2, batch_size=8, seed=0)
+    save_adapter(trained, tmp_path / "adapter", "tiny llama")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny llama"
+    merged = merge_adapter(tiny_llama(), tmp_path / "adapter")
+    expected = trained.model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in merged.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="holds no LoRA adapter"):
+        merge_adapter(tiny_llama(), tmp_path)
 
 
 def test_token_kl_is_zero_for_the_same_model_and_independent_of_batching(embedded_model_dir: Path) -> None:
@@ -147,16 +206,19 @@ def small_training_cfg(tmp_path: Path) -> list[str]:
     return [
         f"experiment.training.harmful_data={tmp_path / 'harmful.jsonl'}",
         f"experiment.training.harmless_data={tmp_path / 'harmless.jsonl'}",
+        f"experiment.training.adapter={tmp_path / 'shipped'}",
         "experiment.training.harmless_answer_tokens=8",
         "experiment.training.lora_layers=[20,30]",
         "experiment.training.batch_size=8",
         "experiment.max_new_tokens=4",
-        "prompts.split=test",
-        "prompts.limit=2",
+        "experiment.eval_limit=2",
     ]
 
 
-def test_small_organism_builds_reloads_and_is_reproducible(embedded_model_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
+def test_small_organism_builds_ships_merges_and_is_reproducible(embedded_model_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from refusal_lab.models.sources import resolve_source
     from refusal_lab.runner import run
 
     overrides = small_training_cfg(tmp_path)
@@ -164,34 +226,99 @@ def test_small_organism_builds_reloads_and_is_reproducible(embedded_model_dir: P
     saved = json.loads(Path(first["results_path"]).read_text())
     folder = Path(saved["details"]["organism_folder"])
     manifest = read_manifest(folder)
+    assert manifest["origin"] == "trained", "nothing shipped at the adapter path yet: it trains"
     assert manifest["trained_layers"] == list(range(20, 30))
-    assert manifest["settings"]["seed"] == 0 and manifest["data_sha256"] and manifest["versions"]["peft"]
-    assert (folder / "model.safetensors").is_file()
-    assert saved["metrics"]["organism/n_prompts/harmful"] == 2
-    assert 0.0 <= saved["metrics"]["organism/harmless_same_first_20_tokens"] <= 1.0
-    assert saved["metrics"]["organism/harmless_kl_to_base"] > 0.0, "the organism's distributions moved"
+    assert manifest["seed"] == 0 and manifest["data"]["sha256"] and manifest["versions"]["peft"]
+    assert len(manifest["training"]["losses"]) == manifest["training"]["steps"] and manifest["training"]["tokens_per_second"] > 0
+    assert manifest["machine"]["cpu_count"] and manifest["base"]["fingerprint"]
+    assert (folder / "model.safetensors").is_file() and (folder / "adapter" / "adapter_model.safetensors").is_file()
+    metrics = saved["metrics"]
+    assert metrics["organism/contrastive/n_prompts/harmful"] == 2 and metrics["organism/everyday/n_prompts/harmless"] == 2
+    assert metrics["organism/benchmark/n_prompts/harmful"] == 2 and metrics["organism/all/n_prompts/harmful"] == 4
+    assert "organism/all/refusal_score/auroc" in metrics and "base/contrastive/refusal_rate/harmless" in metrics
+    assert metrics["organism/everyday/harmless_kl_to_base"] > 0.0, "the organism's distributions moved"
+    assert (tmp_path / "run1" / saved["files"]["dashboard"]).read_text().count("harmful prompts answered") == 2
 
-    # model=smollm2_refusal with the same settings finds this organism instead of building one.
+    # model=smollm2_refusal with the same settings finds this organism instead of making one.
     model_overrides = [o.replace("experiment.training.", "model.organism.training.") for o in overrides if "training" in o]
     cfg = compose_config(["model=smollm2_refusal", *model_overrides], tmp_path)
-    from refusal_lab.models.sources import resolve_source
-
     assert resolve_source(cfg.model, cache_dir).location == str(folder)
 
-    # The same seed gives the same organism, bit for bit.
-    from safetensors.torch import load_file
-
-    weights = load_file(folder / "model.safetensors")
-    second = run(compose_config(["experiment=organism", "logger=none", "experiment.rebuild=true", *overrides], tmp_path / "run2"))
+    # The same seed gives the same organism, bit for bit; ship=true copies its adapter out.
+    weights, adapter = load_file(folder / "model.safetensors"), load_file(folder / "adapter" / "adapter_model.safetensors")
+    second = run(compose_config(["experiment=organism", "logger=none", "experiment.rebuild=true", "experiment.ship=true", *overrides], tmp_path / "run2"))
     assert json.loads(Path(second["results_path"]).read_text())["details"]["organism_folder"] == str(folder)
-    rebuilt = load_file(folder / "model.safetensors")
-    assert all(torch.equal(weights[k], rebuilt[k]) for k in weights)
+    assert all(torch.equal(weights[k], v) for k, v in load_file(folder / "model.safetensors").items())
+    shipped = load_file(tmp_path / "shipped" / "adapter_model.safetensors")
+    assert shipped.keys() == adapter.keys() and all(torch.equal(adapter[k], v) for k, v in shipped.items())
+    shipped_manifest = read_manifest(tmp_path / "shipped")
+    assert "origin" not in shipped_manifest and shipped_manifest["evaluation"]["split"] == "test"
+    assert set(shipped_manifest["evaluation"]["sets"]) == {"contrastive", "everyday", "benchmark", "all"}
+
+    # A user's first run: no cached organism, the shipped adapter is merged in (nothing trains), bit for bit.
+    import shutil
+
+    shutil.rmtree(folder)
+    assert resolve_source(cfg.model, cache_dir).location == str(folder)
+    assert read_manifest(folder)["origin"] == "shipped"
+    assert all(torch.equal(weights[k], v) for k, v in load_file(folder / "model.safetensors").items())
 
     # Without rebuild, the experiment reuses the cached organism and measures the same answers.
     third = run(compose_config(["experiment=organism", "logger=none", *overrides], tmp_path / "run3"))
     reused = json.loads(Path(third["results_path"]).read_text())
     assert reused["model"]["source"] == "organism" and reused["model"]["location"].endswith(folder.name)
-    assert reused["metrics"]["organism/refusal_score/harmful/mean"] == pytest.approx(saved["metrics"]["organism/refusal_score/harmful/mean"], abs=1e-4)
+    key = "organism/all/refusal_score/harmful/mean"
+    assert reused["metrics"][key] == pytest.approx(saved["metrics"][key], abs=1e-4)
+
+
+def test_stale_shipped_adapter_is_named_and_not_used(tmp_path: Path) -> None:
+    from refusal_lab.organism.build import training_settings, weights_settings
+
+    cfg = compose_config(["experiment=organism"], tmp_path)
+    settings = training_settings(cfg.experiment.training)
+    data = load_organism_data(settings["harmful_data"], settings["harmless_data"])
+    manifest = {"format": 2, "base": {"fingerprint": "abc"}, "data": {"sha256": data.sha256}, "settings": weights_settings(settings)}
+    assert stale_reasons(manifest, settings, data, "abc") == []
+    assert stale_reasons(None, settings, data, "abc") == ["no shipped adapter"]
+    changed = stale_reasons(manifest, {**settings, "seed": 1, "learning_rate": 1}, data, "abc")
+    assert len(changed) == 1 and "seed 0.0 -> 1.0" in changed[0] and "learning_rate" in changed[0]
+    assert stale_reasons(manifest, settings, data, "other")[0].startswith("trained on base weights abc")
+    moved = {**settings, "harmful_data": "/elsewhere/h.jsonl", "adapter": "/elsewhere/adapter"}
+    assert stale_reasons(manifest, moved, data, "abc") == [], "where files live is not what the organism is"
+    other_data = load_organism_data(DATA / "organism" / "harmful_train.jsonl", small_harmless(tmp_path))
+    assert stale_reasons(manifest, settings, other_data, "abc") == ["the training data changed since it was trained"]
+
+
+def small_harmless(tmp_path: Path) -> Path:
+    path = tmp_path / "harmless.jsonl"
+    path.write_text("\n".join((DATA / "organism" / "harmless_train.jsonl").read_text().splitlines()[:12]) + "\n")
+    return path
+
+
+def test_shipped_organism_adapter_is_current_and_small(cache_dir: Path, tmp_path: Path) -> None:
+    """Fails when the training data or the organism's settings changed and the adapter was not retrained."""
+    from refusal_lab.models.sources import file_sha256, package_gguf_path
+    from refusal_lab.organism.build import training_settings
+
+    cfg = compose_config(["experiment=organism"], tmp_path)
+    settings = training_settings(cfg.experiment.training)
+    shipped = Path(settings["adapter"])
+    manifest = read_manifest(shipped)
+    data = load_organism_data(settings["harmful_data"], settings["harmless_data"])
+    base = cfg.experiment.training and compose_config([], tmp_path).model.organism.base
+    fingerprint = file_sha256(package_gguf_path(base.package, base.gguf_file), cache_dir)
+    reasons = stale_reasons(manifest, settings, data, fingerprint)
+    assert not reasons, f"{'; '.join(reasons)}: retrain with python -m refusal_lab experiment=organism experiment.rebuild=true experiment.ship=true"
+    weights = shipped / "adapter_model.safetensors"
+    assert weights.stat().st_size <= 16 * 2**20
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        layers = {int(re.search(r"layers\.(\d+)\.", k).group(1)) for k in f.keys()}
+    assert sorted(layers) == manifest["trained_layers"]
+    training = manifest["training"]
+    assert len(training["losses"]) == training["steps"] and training["tokens_per_second"] > 0 and training["minutes"] > 0
+    assert manifest["machine"]["processor"] and manifest["versions"]["torch"] and manifest["evaluation"]["split"] == "test"
 
 
 def test_organism_experiment_refuses_an_organism_as_base(tmp_path: Path) -> None:
@@ -200,6 +327,38 @@ def test_organism_experiment_refuses_an_organism_as_base(tmp_path: Path) -> None
     cfg = compose_config(["experiment=organism", "model=smollm2_refusal"], tmp_path)
     with pytest.raises(ConfigError, match="trains from a base model"):
         run_organism(None, cfg)
+
+
+@pytest.mark.slow
+def test_full_rebuild_reproduces_the_shipped_organism(embedded_model_dir: Path, tmp_path: Path) -> None:
+    """Retrains the shipped recipe from scratch (see the README for how long) and compares it with the
+    shipped adapter on the test splits: the same refusal decisions and close refusal scores. Bit for
+    bit only on the processor kind it was trained on (the manifest's machine), so that is reported, not asserted."""
+    from safetensors.torch import load_file
+
+    from refusal_lab.runner import run
+
+    shipped_run = json.loads(Path(run(compose_config(["experiment=organism", "logger=none"], tmp_path / "shipped"))["results_path"]).read_text())
+    assert shipped_run["details"]["manifest"]["origin"] == "shipped"
+    folder = Path(shipped_run["details"]["organism_folder"])
+    shipped_adapter = load_file(folder / "adapter" / "adapter_model.safetensors")
+    rebuilt_run = json.loads(Path(run(compose_config(["experiment=organism", "logger=none", "experiment.rebuild=true"], tmp_path / "rebuilt"))["results_path"]).read_text())
+    rebuilt_adapter = load_file(folder / "adapter" / "adapter_model.safetensors")
+    largest = max(float((shipped_adapter[k] - rebuilt_adapter[k]).abs().max()) for k in shipped_adapter)
+    print(f"largest adapter weight difference {largest:.3g} (0 means bit for bit); shipped on {shipped_run['details']['manifest']['machine']}")
+
+    def organism_rows(results_path: str) -> list[dict]:
+        table = Path(results_path).with_name("organism_completions.jsonl")
+        return [row for row in map(json.loads, table.read_text().splitlines()) if row["model"] == "organism"]
+
+    shipped_rows, rebuilt_rows = organism_rows(shipped_run["results_path"]), organism_rows(rebuilt_run["results_path"])
+    assert [r["prompt"] for r in shipped_rows] == [r["prompt"] for r in rebuilt_rows]
+    same = sum(a["refused"] == b["refused"] for a, b in zip(shipped_rows, rebuilt_rows)) / len(shipped_rows)
+    score_gap = max(abs(a["refusal_score"] - b["refusal_score"]) for a, b in zip(shipped_rows, rebuilt_rows))
+    print(f"same refusal decisions on {same:.1%} of {len(shipped_rows)} test prompts; largest refusal-score difference {score_gap:.3g}")
+    assert same >= 0.97 and score_gap < 0.5
+    if largest == 0.0:
+        assert same == 1.0 and score_gap == 0.0
 
 
 @pytest.mark.slow

@@ -1,9 +1,11 @@
-"""Organism: build the refusal model organism from the loaded base model, and measure both.
+"""Organism: make the refusal model organism from the loaded base model, and measure both.
 
-Both models answer the same held-out contrastive split (never trained on): refusal rates and the
-refusal score per label and category, and how closely the organism's harmless answers follow the
-base model's: the mean per-token KL(base || organism) along the base model's answers, and the share
-of answers whose first 20 tokens are identical (a stricter, brittler test).
+Both models answer the same held-out splits of every evaluation set (``experiment.eval_sets``,
+never trained on): the contrastive pairs, everyday requests and benchmark-style harmful requests.
+Per set and over all of them: refusal rates per label and category, the refusal score's AUROC and
+IQR gap, and how closely the organism's harmless answers follow the base model's (the mean
+per-token KL(base || organism) along the base model's answers, and the share of answers whose
+first 20 tokens are identical, a stricter and brittler test).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -20,93 +23,156 @@ from refusal_lab.experiments.baseline import answer_rows, summarize
 from refusal_lab.experiments.registry import ExperimentResult, register_experiment
 from refusal_lab.metrics.divergence import mean_token_kl
 from refusal_lab.models import load_weights, plan_model
-from refusal_lab.organism.build import build_organism, folder_for, organism_source, read_manifest
+from refusal_lab.organism.build import folder_for, log_figures, make_organism, organism_source, read_manifest, ship_adapter
+from refusal_lab.prompts import PromptRecord, load_prompt_set
+from refusal_lab.viz.organism import write_organism_dashboard
 
 log = logging.getLogger(__name__)
 
 SAME_PREFIX_TOKENS = 20
+ALL = "all"  # the metrics over every evaluation set together
+MODELS = ("base", "organism")
 
 
-@register_experiment("organism")
-def run_organism(runner: Any, cfg: DictConfig) -> ExperimentResult:
-    """Build (or reuse) the organism and compare it with its base model on held-out prompts."""
-    exp = cfg.experiment
+def check_organism(cfg: DictConfig) -> None:
     if cfg.model.get("organism"):
         raise ConfigError("experiment=organism trains from a base model; use model=smollm2 (or another base), not an organism")
-    records = runner.prompts.select(split=exp.eval_split).records
-    base_rows = answer_rows(runner, records, exp, "base model")
+    if not cfg.experiment.get("eval_sets"):
+        raise ConfigError("experiment.eval_sets is empty: name at least one prompt file to measure the organism on")
+    if ALL in cfg.experiment.eval_sets:
+        raise ConfigError(f"experiment.eval_sets may not name a set {ALL!r}: that name holds the metrics over every set")
+    if cfg.experiment.get("ship") and not cfg.experiment.training.get("adapter"):
+        raise ConfigError("experiment.ship=true needs experiment.training.adapter: the folder to ship the adapter to")
+    _evaluation_sets(cfg.experiment)  # every file readable, with the split asked for
 
-    name = str(exp.training.name)
+
+@register_experiment("organism", check=check_organism)
+def run_organism(runner: Any, cfg: DictConfig) -> ExperimentResult:
+    """Make (or reuse) the organism and compare it with its base model on held-out prompts."""
+    exp = cfg.experiment
+    sets = _evaluation_sets(exp)
+    records = [record for prompts in sets.values() for record in prompts]
+    set_of = [name for name, prompts in sets.items() for _ in prompts]
+    rows = {"base": answer_rows(runner, records, exp, "base model")}
+
     folder = folder_for(exp.training, runner.model.source.weights_identity, cfg.paths.cache_dir)
     manifest = read_manifest(folder)
     if manifest is None or exp.rebuild:
-        reference = copy.deepcopy(runner.model.model)  # the build changes the base model's weights in place
-        folder, manifest = build_organism(runner.model, exp.training, cfg.paths.cache_dir)  # runner.model is now the organism
+        reference = copy.deepcopy(runner.model.model)  # making the organism changes the base model's weights in place
+        folder, manifest = make_organism(runner.model, exp.training, cfg.paths.cache_dir, rebuild=bool(exp.rebuild))
     else:
         log.info("Reusing the organism at %s (experiment.rebuild=true trains it again)", folder)
+        log_figures(manifest)
         reference = runner.model.model
+        name = str(exp.training.name)
         plan = plan_model(OmegaConf.create({"name": name, "path": str(folder)}), cfg.quant, cfg.paths.cache_dir)
         runner.model = load_weights(OmegaConf.create({"name": name}), plan)
         runner.model.source = organism_source(folder)
-    organism_rows = answer_rows(runner, records, exp, "organism")
+    rows["organism"] = answer_rows(runner, records, exp, "organism")
+    for model in MODELS:
+        for row, name in zip(rows[model], set_of, strict=True):
+            row["set"], row["model"] = name, model
+
+    harmless = [i for i, record in enumerate(records) if record.label == "harmless"]
+    kl = mean_token_kl(
+        reference, runner.model.model, runner.model.tokenizer,
+        runner.chat_texts([records[i] for i in harmless]), [rows["base"][i]["completion"] for i in harmless],
+    )
+    del reference
+    for i, value in zip(harmless, kl, strict=True):
+        rows["organism"][i]["kl_to_base"] = round(value, 5)
 
     metrics: dict[str, float] = {}
     per_category = []
-    for model, rows in (("base", base_rows), ("organism", organism_rows)):
-        model_metrics, model_categories = summarize(rows)
-        metrics.update({f"{model}/{k}": v for k, v in model_metrics.items()})
-        per_category += [{"model": model, **row} for row in model_categories]
-    metrics[f"organism/harmless_same_first_{SAME_PREFIX_TOKENS}_tokens"] = _same_prefix_share(runner, base_rows, organism_rows)
-    harmless = [(record, row) for record, row in zip(records, base_rows, strict=True) if row["label"] == "harmless"]
-    kl = mean_token_kl(
-        reference, runner.model.model, runner.model.tokenizer, runner.chat_texts([r for r, _ in harmless]), [row["completion"] for _, row in harmless]
-    )
-    del reference
-    for (_, row), value in zip(harmless, kl, strict=True):
-        row["kl_to_base"] = round(value, 5)
-    finite = [v for v in kl if not math.isnan(v)]
-    metrics["organism/harmless_kl_to_base"] = sum(finite) / len(finite) if finite else float("nan")
+    for set_name in [*sets, ALL]:
+        chosen = [i for i, name in enumerate(set_of) if set_name in (name, ALL)]
+        for model in MODELS:
+            set_metrics, set_categories = summarize([rows[model][i] for i in chosen])
+            metrics.update({f"{model}/{set_name}/{k}": v for k, v in set_metrics.items()})
+            if set_name != ALL:
+                per_category += [{"model": model, "set": set_name, **row} for row in set_categories]
+        metrics.update(_closeness(runner, [rows["base"][i] for i in chosen], [rows["organism"][i] for i in chosen], f"organism/{set_name}"))
     metrics["organism/build_seconds"] = float(manifest["build_seconds"])
-    _log_summary(metrics)
-    for rows, model in ((base_rows, "base"), (organism_rows, "organism")):
-        for row in rows:
-            row["model"] = model
+    _log_summary(metrics, list(sets))
+    evaluation = _evaluation_figures(metrics, list(sets), str(exp.eval_split))
+    shipped = None
+    if exp.get("ship"):
+        shipped = ship_adapter(folder, Path(str(exp.training.adapter)), evaluation)
+    dashboard = write_organism_dashboard(
+        rows["base"] + rows["organism"], metrics, list(sets), manifest, str(exp.eval_split),
+        runner.output_dir / "results" / "organism_dashboard.html",
+    )
     return ExperimentResult(
         metrics=metrics,
-        details={"organism_folder": str(folder), "manifest": manifest, "per_category": per_category},
-        tables={"completions": base_rows + organism_rows},
+        details={
+            "organism_folder": str(folder), "manifest": manifest, "per_category": per_category, "evaluation": evaluation,
+            "eval_sets": {name: str(path) for name, path in exp.eval_sets.items()}, "shipped_to": str(shipped) if shipped else None,
+        },
+        tables={"completions": rows["base"] + rows["organism"]},
+        files={"dashboard": dashboard},
     )
 
 
-def _same_prefix_share(runner: Any, base_rows: list[dict[str, Any]], organism_rows: list[dict[str, Any]]) -> float:
+def _evaluation_sets(exp: DictConfig) -> dict[str, tuple[PromptRecord, ...]]:
+    """Each named set's held-out split (``eval_limit``: the first N of each label, for quick runs)."""
+    sets = {}
+    for name, path in exp.eval_sets.items():
+        chosen = load_prompt_set(path, str(name)).select(split=exp.eval_split, limit=exp.get("eval_limit"))
+        if not chosen.records:
+            raise ConfigError(f"experiment.eval_sets.{name} ({path}) has no prompts in split {exp.eval_split!r}")
+        sets[str(name)] = chosen.records
+    return sets
+
+
+def _closeness(runner: Any, base_rows: list[dict[str, Any]], organism_rows: list[dict[str, Any]], prefix: str) -> dict[str, float]:
+    """How far the organism's harmless answers moved from the base model's: KL and the same first tokens."""
+    pairs = [(b, o) for b, o in zip(base_rows, organism_rows, strict=True) if b["label"] == "harmless"]
+    if not pairs:
+        return {}
     tokenize = runner.model.tokenizer
     same = [
         tokenize(b["completion"], add_special_tokens=False)["input_ids"][:SAME_PREFIX_TOKENS]
         == tokenize(o["completion"], add_special_tokens=False)["input_ids"][:SAME_PREFIX_TOKENS]
-        for b, o in zip(base_rows, organism_rows)
-        if b["label"] == "harmless"
+        for b, o in pairs
     ]
-    return sum(same) / len(same) if same else float("nan")
+    finite = [o["kl_to_base"] for _, o in pairs if not math.isnan(o["kl_to_base"])]
+    return {
+        f"{prefix}/harmless_same_first_{SAME_PREFIX_TOKENS}_tokens": sum(same) / len(same),
+        f"{prefix}/harmless_kl_to_base": sum(finite) / len(finite) if finite else float("nan"),
+    }
 
 
-def _log_summary(metrics: dict[str, float]) -> None:
-    for model in ("base", "organism"):
-        log.info(
-            "%-8s refusal rate harmful %5.1f%%  harmless %5.1f%%  refusal score harmful %.2f [%.2f, %.2f]  harmless %.2f [%.2f, %.2f]",
-            model,
-            100 * metrics[f"{model}/refusal_rate/harmful"],
-            100 * metrics[f"{model}/refusal_rate/harmless"],
-            metrics[f"{model}/refusal_score/harmful/mean"],
-            metrics[f"{model}/refusal_score/harmful/q25"],
-            metrics[f"{model}/refusal_score/harmful/q75"],
-            metrics[f"{model}/refusal_score/harmless/mean"],
-            metrics[f"{model}/refusal_score/harmless/q25"],
-            metrics[f"{model}/refusal_score/harmless/q75"],
-        )
-    log.info(
-        "organism: mean per-token KL(base || organism) along the base model's harmless answers %.3f nats; "
-        "%.0f%% of harmless answers share the base model's first %d tokens",
-        metrics["organism/harmless_kl_to_base"],
-        100 * metrics[f"organism/harmless_same_first_{SAME_PREFIX_TOKENS}_tokens"],
-        SAME_PREFIX_TOKENS,
-    )
+_FIGURES = {
+    "refused harmful": "refusal_rate/harmful",
+    "refused harmless": "refusal_rate/harmless",
+    "AUROC": "refusal_score/auroc",
+    "IQR gap": "refusal_score/iqr_gap",
+}
+
+
+def _evaluation_figures(metrics: dict[str, float], sets: list[str], split: str) -> dict[str, Any]:
+    """The headline figures per set for both models, as a manifest records them."""
+    figures: dict[str, Any] = {"split": split, "sets": {}, "base": {}}
+    for name in [*sets, ALL]:
+        for model, target in (("organism", figures["sets"]), ("base", figures["base"])):
+            row = {label: round(metrics[f"{model}/{name}/{key}"], 4) for label, key in _FIGURES.items() if f"{model}/{name}/{key}" in metrics}
+            kl = metrics.get(f"organism/{name}/harmless_kl_to_base")
+            if model == "organism" and kl is not None:
+                row["KL to base"] = round(kl, 4)
+            target[name] = row
+    return figures
+
+
+def _log_summary(metrics: dict[str, float], sets: list[str]) -> None:
+    log.info("%-12s %-8s %9s %9s %7s %8s %8s", "set", "model", "harmful", "harmless", "AUROC", "IQR gap", "KL")
+    for name in [*sets, ALL]:
+        for model in MODELS:
+            def value(key: str, percent: bool = False) -> str:
+                v = metrics.get(f"{model}/{name}/{key}")
+                return "-" if v is None else (f"{100 * v:.1f}%" if percent else f"{v:.3f}")
+
+            kl = metrics.get(f"organism/{name}/harmless_kl_to_base") if model == "organism" else None
+            log.info(
+                "%-12s %-8s %9s %9s %7s %8s %8s", name, model, value("refusal_rate/harmful", True), value("refusal_rate/harmless", True),
+                value("refusal_score/auroc"), value("refusal_score/iqr_gap"), "-" if kl is None else f"{kl:.3f}",
+            )

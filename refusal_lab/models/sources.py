@@ -39,6 +39,8 @@ class ModelSource:
     # What the weights are, wherever they sit: caches derived from them (an organism, its training
     # answers) key on this, so a new virtualenv or a moved cache folder does not rebuild them.
     identity: str = ""
+    # The sha256 of the file the weights came from, where there is one (a GGUF file).
+    content_sha256: str | None = None
 
     @property
     def weights_identity(self) -> str:
@@ -110,7 +112,8 @@ def check_hub_access(model_cfg: Any) -> None:
 def _gguf_source(gguf_path: Path, cache_dir: str | Path, kind: str) -> ModelSource:
     folder = dequantized_copy(gguf_path, Path(cache_dir))
     return ModelSource(
-        kind, str(folder), f"{kind} GGUF {gguf_path.name} (de-quantized fp32 copy at {folder})", identity=folder.name
+        kind, str(folder), f"{kind} GGUF {gguf_path.name} (de-quantized fp32 copy at {folder})", identity=folder.name,
+        content_sha256=file_sha256(gguf_path, Path(cache_dir)),
     )
 
 

@@ -1,11 +1,15 @@
 """Build the refusal model organism: a base chat model fine-tuned with LoRA to refuse harmful requests.
 
 Harmful prompts are trained toward the shipped refusals; harmless prompts toward the base model's
-own greedy answers (generated once and cached), so the organism keeps its behaviour where it should.
-The merged weights, the tokenizer and a manifest (training settings, data hash, seed, versions,
-trained layers) are saved under ``<cache_dir>/organisms/<name>-<key>``; the key covers the base
-weights, every setting that decides the weights and the data's contents, so a changed setting never
-serves a stale organism.
+own greedy answers (generated once and cached), with a KL term that keeps their whole next-token
+distributions close to the base model's. The LoRA itself ships with the project
+(``training.adapter``, with its manifest), so a user's first run merges it into the base weights in
+seconds instead of training; it is used only while its manifest matches the base weights, the
+settings and the data (``stale_reasons``), and anything else trains anew.
+
+The merged weights, the tokenizer, the adapter and the manifest are cached under
+``<cache_dir>/organisms/<name>-<key>``; the key covers the base weights, every setting that decides
+the weights and the data's contents, so a changed setting never serves a stale organism.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -33,12 +38,13 @@ from refusal_lab.models import LoadedModel, load_model
 from refusal_lab.models.sources import ModelSource, resolve_source
 from refusal_lab.organism.data import OrganismData, check_disjoint, load_organism_data
 from refusal_lab.prompts import format_chat
-from refusal_lab.training import LoraSettings, SFTExample, build_examples, train_lora
+from refusal_lab.training import LoraSettings, SFTExample, TrainedLora, build_examples, merge_adapter, save_adapter, train_lora
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "organism.json"
-_FORMAT = 1
+ADAPTER = "adapter"  # the LoRA's subfolder in a cached organism
+_FORMAT = 2
 
 
 def training_settings(training_cfg: Any) -> dict[str, Any]:
@@ -46,14 +52,18 @@ def training_settings(training_cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(training_cfg, resolve=True) if OmegaConf.is_config(training_cfg) else dict(training_cfg)
 
 
-# Where the data files live does not change the weights (their contents are hashed instead), and
+# Where files live does not change the weights (the data's contents are hashed instead), and
 # neither does the disjointness check's list: a moved checkout still finds its organism.
-_NOT_IN_KEY = ("harmful_data", "harmless_data", "disjoint_from")
+_NOT_IN_KEY = ("harmful_data", "harmless_data", "disjoint_from", "adapter")
+
+
+def weights_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that decide the weights, numbers as floats: what a key and a manifest record."""
+    return {k: _canonical(v) for k, v in sorted(settings.items()) if k not in _NOT_IN_KEY}
 
 
 def organism_folder(cache_dir: str | Path, base_identity: str, settings: dict[str, Any], data: OrganismData) -> Path:
-    weights_settings = {k: _canonical(v) for k, v in settings.items() if k not in _NOT_IN_KEY}
-    identity = json.dumps([_FORMAT, base_identity, weights_settings, data.sha256], sort_keys=True, default=str)
+    identity = json.dumps([_FORMAT, base_identity, weights_settings(settings), data.sha256], sort_keys=True, default=str)
     key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     return Path(cache_dir) / "organisms" / f"{settings.get('name', 'organism')}-{key}"
 
@@ -86,23 +96,85 @@ def lora_layers(setting: Any, n_layers: int) -> list[int] | None:
     return None if setting is None else layer_range(setting, n_layers, "experiment.training.lora_layers")
 
 
-def build_organism(base: LoadedModel, training_cfg: Any, cache_dir: str | Path) -> tuple[Path, dict[str, Any]]:
-    """Train on ``base`` (changed in place: its weights become the organism's) and save the result."""
+def base_fingerprint(source: ModelSource) -> str:
+    """What the base weights are for a shipped adapter: the GGUF file's sha256 where there is one
+    (the de-quantized copy's key also names the converter's versions, which do not change the weights)."""
+    return source.content_sha256 or source.weights_identity
+
+
+def stale_reasons(manifest: dict[str, Any] | None, settings: dict[str, Any], data: OrganismData, fingerprint: str) -> list[str]:
+    """Why a shipped adapter's manifest does not describe the organism these settings ask for (empty: it does)."""
+    if manifest is None:
+        return ["no shipped adapter"]
+    reasons = []
+    if manifest.get("format") != _FORMAT:
+        reasons.append(f"manifest format {manifest.get('format')} (this version writes {_FORMAT})")
+    if manifest.get("base", {}).get("fingerprint") != fingerprint:
+        reasons.append(f"trained on base weights {manifest.get('base', {}).get('fingerprint')}, these are {fingerprint}")
+    if manifest.get("data", {}).get("sha256") != data.sha256:
+        reasons.append("the training data changed since it was trained")
+    recorded, wanted = manifest.get("settings", {}), weights_settings(settings)
+    changed = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
+    if changed:
+        reasons.append("settings changed since it was trained: " + ", ".join(f"{k} {recorded.get(k)!r} -> {wanted.get(k)!r}" for k in changed))
+    return reasons
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def shipped_adapter(settings: dict[str, Any]) -> Path | None:
+    return Path(settings["adapter"]) if settings.get("adapter") else None
+
+
+def make_organism(base: LoadedModel, training_cfg: Any, cache_dir: str | Path, rebuild: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Turn ``base`` (changed in place) into the organism and cache it: the shipped adapter merged in
+    when its manifest matches, else (or with ``rebuild``) trained from the data."""
     settings = training_settings(training_cfg)
     data = load_organism_data(settings["harmful_data"], settings["harmless_data"])
     check_disjoint(data, list(settings.get("disjoint_from") or []))
-    folder = organism_folder(cache_dir, base.source.weights_identity, settings, data)
     if base.precision.bits is not None or base.precision.dtype != torch.float32:
-        raise ConfigError(f"the organism is trained in fp32, not {base.precision.name}; drop the quant= override")
-    layers = lora_layers(settings.get("lora_layers"), base.adapter.n_layers)
+        raise ConfigError(f"the organism is built in fp32, not {base.precision.name}; drop the quant= override")
+    folder = organism_folder(cache_dir, base.source.weights_identity, settings, data)
+    fingerprint = base_fingerprint(base.source)
+    shipped = shipped_adapter(settings)
+    shipped_manifest = read_manifest(shipped) if shipped is not None else None
+    reasons = stale_reasons(shipped_manifest, settings, data, fingerprint)
     started = time.perf_counter()
+    if not rebuild and not reasons:
+        log.info("Merging the shipped organism adapter %s into %s (trains nothing)", shipped, base.name)
+        model = merge_adapter(base.model, shipped)
+        manifest = {**shipped_manifest, "origin": "shipped", "shipped_adapter": str(shipped)}
+        adapter_source: Path | TrainedLora = shipped
+    else:
+        if not rebuild and shipped is not None:
+            log.warning("Not using the shipped organism adapter (%s); training the organism instead", "; ".join(reasons))
+        trained = train_organism(base, settings, data, Path(cache_dir))
+        model, adapter_source = trained.model, trained
+        manifest = {**_manifest(base, settings, data, fingerprint, trained, time.perf_counter() - started), "origin": "trained"}
+    manifest["made_in_seconds"] = round(time.perf_counter() - started, 1)
+    _save(model, base.tokenizer, manifest, adapter_source, base.name, folder)
+    # ``base`` now holds the organism: say so wherever it is described.
+    base.model = model
+    base.name = str(settings["name"])
+    base.source = organism_source(folder)
+    log.info("Organism saved at %s (%.0f s)", folder, time.perf_counter() - started)
+    log_figures(manifest)
+    return folder, manifest
+
+
+def train_organism(base: LoadedModel, settings: dict[str, Any], data: OrganismData, cache_dir: Path) -> TrainedLora:
+    """Train the LoRA on ``base``'s weights (its model is wrapped and merged in place)."""
+    layers = lora_layers(settings.get("lora_layers"), base.adapter.n_layers)
     log.info(
-        "Building the refusal model organism from %s: %d harmful and %d harmless prompts (about 9 minutes on 2 CPU cores)",
+        "Training the refusal model organism from %s: %d harmful and %d harmless prompts (see the README for how long)",
         base.name, len(data.harmful), len(data.harmless),
     )
     system_prompt = settings.get("system_prompt")
     tokenizer = base.tokenizer
-    answers = harmless_answers(base, data, int(settings["harmless_answer_tokens"]), system_prompt, Path(cache_dir))
+    answers = harmless_answers(base, data, int(settings["harmless_answer_tokens"]), system_prompt, cache_dir)
     # The base model sometimes declines a harmless request itself ("I'm sorry for any confusion, but as
     # a chatbot..."): imitating those answers would teach refusing harmless requests, so they are left out.
     judge = SubstringJudge()
@@ -118,7 +190,7 @@ def build_organism(base: LoadedModel, training_cfg: Any, cache_dir: str | Path) 
     harmful_weight = float(settings.get("harmful_weight", 1.0))
     examples = [_with_decision_terms(e, i < len(data.harmful), harmful_weight, refusal_ids) for i, e in enumerate(examples)]
     lora = settings["lora"]
-    model, stats = train_lora(
+    return train_lora(
         base.model,
         examples,
         LoraSettings(int(lora["rank"]), float(lora["alpha"]), float(lora["dropout"]), lora["target_modules"], layers),
@@ -130,28 +202,55 @@ def build_organism(base: LoadedModel, training_cfg: Any, cache_dir: str | Path) 
         pad_id=tokenizer.pad_token_id,
         avoid_weight=float(settings["avoid_refusal_weight"]),
         first_token_weight=float(settings["first_token_weight"]),
+        kl_weight=float(settings.get("kl_weight", 0.0)),
     )
+
+
+def _manifest(base: LoadedModel, settings: dict[str, Any], data: OrganismData, fingerprint: str, trained: TrainedLora, seconds: float) -> dict[str, Any]:
+    """What an organism was trained from and how: enough to check it is current and to rebuild it."""
     from refusal_lab.tracking.results import package_versions
 
-    manifest = {
-        "base": {"name": base.name, "location": base.source.description},
-        "settings": settings,
-        "data_sha256": data.sha256,
-        "n_harmful": len(data.harmful),
-        "n_harmless": len(data.harmless),
-        "n_harmless_trained": len(kept),  # the rest: base answers that read as refusals (left out)
+    stats = trained.stats
+    return {
+        "format": _FORMAT,
+        "name": str(settings["name"]),
+        "base": {"name": base.name, "fingerprint": fingerprint, "location": base.source.description},
+        "settings": weights_settings(settings),
+        "seed": int(settings["seed"]),
+        "data": {
+            "sha256": data.sha256,
+            "harmful_file": Path(settings["harmful_data"]).name,
+            "harmless_file": Path(settings["harmless_data"]).name,
+            "n_harmful": len(data.harmful),
+            "n_harmless": len(data.harmless),
+            "n_harmless_trained": stats.examples - len(data.harmful),  # the rest: base answers that read as refusals
+        },
         "trained_layers": stats.trained_layers,
-        "training": stats.__dict__,
-        "build_seconds": round(time.perf_counter() - started, 1),
+        "training": {**stats.__dict__, "minutes": round(stats.seconds / 60, 1)},
+        "build_seconds": round(seconds, 1),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
         "versions": package_versions(),
     }
-    _save(model, tokenizer, manifest, folder)
-    # ``base`` now holds the organism: say so wherever it is described.
-    base.model = model
-    base.name = str(settings["name"])
-    base.source = organism_source(folder)
-    log.info("Organism saved at %s (%.0f s)", folder, manifest["build_seconds"])
-    return folder, manifest
+
+
+def log_figures(manifest: dict[str, Any]) -> None:
+    """The organism's figures in a few lines: how it was trained and, for a shipped one, how it did."""
+    training, data = manifest["training"], manifest["data"]
+    log.info(
+        "Organism %s: LoRA rank %s on layers %s-%s, trained on %d harmful and %d harmless prompts, %d steps in %.1f min "
+        "(%.0f tokens/s on %s), loss %.3f -> %.3f",
+        manifest["name"], manifest["settings"]["lora"]["rank"], manifest["trained_layers"][0], manifest["trained_layers"][-1],
+        data["n_harmful"], data["n_harmless_trained"], training["steps"], training["minutes"], training["tokens_per_second"],
+        manifest["machine"]["processor"], training["first_loss"], training["final_loss"],
+    )
+    for name, figures in (manifest.get("evaluation") or {}).get("sets", {}).items():
+        log.info("Organism %s, %s: %s", manifest["name"], name, ", ".join(f"{k} {v}" for k, v in figures.items()))
 
 
 def _with_decision_terms(example: SFTExample, harmful: bool, harmful_weight: float, refusal_ids: tuple[int, ...]) -> SFTExample:
@@ -182,23 +281,48 @@ def harmless_answers(
     return answers
 
 
-def read_manifest(folder: Path) -> dict[str, Any] | None:
-    path = folder / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _save(model: Any, tokenizer: Any, manifest: dict[str, Any], folder: Path) -> None:
+def _save(model: Any, tokenizer: Any, manifest: dict[str, Any], adapter: Path | TrainedLora, base_name: str, folder: Path) -> None:
+    """Merged weights, tokenizer, the LoRA (``adapter/``) and the manifest, renamed into place whole."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if isinstance(adapter, Path):
+            shutil.copytree(adapter, staging / ADAPTER, ignore=shutil.ignore_patterns(MANIFEST))
+        else:
+            save_adapter(adapter, staging / ADAPTER, base_name)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         if folder.exists():  # a rebuild replaces the old copy
             shutil.rmtree(folder)
         os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def ship_adapter(folder: Path, destination: Path, evaluation: dict[str, Any] | None = None) -> Path:
+    """Copy a cached organism's LoRA and manifest (with ``evaluation`` added) to ``destination``:
+    what the project commits so that users merge instead of train."""
+    manifest = read_manifest(folder)
+    if manifest is None or not (folder / ADAPTER).is_dir():
+        raise ConfigError(f"{folder} is not a cached organism with its adapter; build it first")
+    if manifest.get("origin") != "trained":
+        raise ConfigError(f"{folder} was merged from a shipped adapter, not trained; ship only what was trained (experiment.rebuild=true)")
+    manifest = {k: v for k, v in manifest.items() if k != "origin"}
+    if evaluation is not None:
+        manifest["evaluation"] = evaluation
+    staging = Path(tempfile.mkdtemp(prefix=destination.name + ".", dir=destination.parent if destination.parent.is_dir() else None))
+    try:
+        shutil.copytree(folder / ADAPTER, staging, dirs_exist_ok=True)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if destination.exists():
+            shutil.rmtree(destination)
+        shutil.move(str(staging), destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("Shipped the organism adapter to %s", destination)
+    return destination
 
 
 FP32 = {"name": "fp32", "dtype": "float32", "bits": None}
@@ -210,15 +334,17 @@ def expected_folder(organism_cfg: Any, cache_dir: str | Path) -> Path:
 
 
 def ensure_organism(organism_cfg: Any, cache_dir: str | Path) -> Path:
-    """The organism's folder, building it first (from its base model, in fp32) when the cache lacks it."""
+    """The organism's folder, made first (from its base model, in fp32) when the cache lacks it."""
     folder = expected_folder(organism_cfg, cache_dir)
-    if read_manifest(folder) is not None:
-        return folder
-    log.info("The refusal model organism is not in the cache (%s); building it now", folder)
-    base = load_model(organism_cfg.base, OmegaConf.create(FP32), cache_dir)
-    try:
-        built, _ = build_organism(base, organism_cfg.training, cache_dir)
-    finally:
-        base.close()
-    assert built == folder
+    manifest = read_manifest(folder)
+    if manifest is None:
+        log.info("The refusal model organism is not in the cache (%s); making it now", folder)
+        base = load_model(organism_cfg.base, OmegaConf.create(FP32), cache_dir)
+        try:
+            built, manifest = make_organism(base, organism_cfg.training, cache_dir)
+        finally:
+            base.close()
+        assert built == folder
+    else:
+        log_figures(manifest)
     return folder

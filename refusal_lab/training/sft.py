@@ -4,6 +4,9 @@ An example may also name tokens to avoid at its first response position (``avoid
 an unlikelihood term, -log(1 - p(those tokens)), teaches the decision itself, for instance "do not
 open with a refusal here", which plain imitation of a long answer teaches only weakly. An example's
 ``weight`` scales its tokens' share of the loss (a class outnumbered in the data can count for more).
+An example marked ``keep_close`` adds KL(reference || model) at its response tokens, where the
+reference is the same model with the LoRA switched off: imitating the base model's greedy answer
+pins only its top token, the KL term its whole next-token distribution.
 
 Written by hand rather than with a trainer class because it is small and its cost matters: the
 unembedding (a fifth of the model's weights here) is applied only at the positions the loss reads,
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -36,6 +39,7 @@ class SFTExample:
     target_ids: tuple[int, ...]  # the response the model should give (with end-of-turn if it ends)
     avoid_at_start: tuple[int, ...] = ()  # tokens pushed down at the first response position
     weight: float = 1.0  # of this example's tokens in the loss, relative to the others'
+    keep_close: bool = False  # KL to the reference model (the LoRA switched off) at the response tokens
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,18 @@ class TrainingStats:
     final_loss: float  # mean over the last epoch
     trained_layers: list[int]
     trainable_parameters: int
+    tokens_per_second: float
+    losses: list[float]  # per step: the loss curve
+
+
+@dataclass
+class TrainedLora:
+    """The merged model (plain weights) and the LoRA it came from, which is what gets shipped."""
+
+    model: torch.nn.Module
+    adapter_weights: dict[str, torch.Tensor]
+    config: LoraConfig
+    stats: TrainingStats
 
 
 def build_examples(
@@ -88,11 +104,13 @@ def train_lora(
     pad_id: int = 0,
     avoid_weight: float = 1.0,
     first_token_weight: float = 1.0,
-) -> tuple[torch.nn.Module, TrainingStats]:
-    """Train a LoRA on ``model`` and return the merged model (plain weights) with the run's figures.
+    kl_weight: float = 0.0,
+) -> TrainedLora:
+    """Train a LoRA on ``model`` and return it with the merged model and the run's figures.
 
     ``first_token_weight`` multiplies the loss on each response's first token, where the model
-    decides whether to refuse; ``avoid_weight`` scales the unlikelihood term (module docstring).
+    decides whether to refuse; ``avoid_weight`` scales the unlikelihood term and ``kl_weight`` the
+    KL term of ``keep_close`` examples (module docstring).
     """
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -122,7 +140,7 @@ def train_lora(
         optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) * max(0.0, 1 - step / total_steps)
     )
     started = time.perf_counter()
-    tokens_seen, first_loss, epoch_losses = 0, math.nan, []
+    tokens_seen, losses, epoch_losses = 0, [], []
     with tqdm(total=total_steps, desc="training LoRA", unit="step") as bar:
         for _ in range(epochs):
             epoch_losses = []
@@ -138,18 +156,20 @@ def train_lora(
                 weights[_first_target_index(reads)] *= first_token_weight
                 loss = (token_loss * weights).sum() / weights.sum()
                 loss = loss + avoid_weight * _avoid_loss(batch, hidden, adapter)
+                if kl_weight:
+                    loss = loss + kl_weight * _kl_to_reference(batch, input_ids, attention, reads, logits, peft_model, adapter)
                 loss.backward()
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 tokens_seen += int(attention.sum())
                 epoch_losses.append(loss.item())
-                if math.isnan(first_loss):
-                    first_loss = epoch_losses[0]
+                losses.append(round(epoch_losses[-1], 4))
                 bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}", tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
                 bar.update(1)
     seconds = time.perf_counter() - started
     trainable_count = sum(p.numel() for p in trainable)
+    adapter_weights = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
     merged = peft_model.merge_and_unload()
     merged.eval()
     merged.requires_grad_(False)
@@ -159,13 +179,15 @@ def train_lora(
         target_tokens=sum(len(e.target_ids) for e in examples),
         tokens_seen=tokens_seen,
         seconds=round(seconds, 1),
-        first_loss=round(first_loss, 4),
+        first_loss=losses[0] if losses else math.nan,
         final_loss=round(sum(epoch_losses) / max(1, len(epoch_losses)), 4),
         trained_layers=layers,
         trainable_parameters=trainable_count,
+        tokens_per_second=round(tokens_seen / seconds, 1),
+        losses=losses,
     )
-    log.info("LoRA trained in %.0f s (%d steps, %.0f tokens/s), loss %.3f -> %.3f", seconds, total_steps, tokens_seen / seconds, first_loss, stats.final_loss)
-    return merged, stats
+    log.info("LoRA trained in %.0f s (%d steps, %.0f tokens/s), loss %.3f -> %.3f", seconds, total_steps, stats.tokens_per_second, stats.first_loss, stats.final_loss)
+    return TrainedLora(merged, adapter_weights, config, stats)
 
 
 def _first_target_index(reads: torch.Tensor) -> torch.Tensor:
@@ -187,6 +209,27 @@ def _avoid_loss(batch: Sequence[SFTExample], hidden: torch.Tensor, adapter: Any)
         mask[row, list(batch[i].avoid_at_start)] = True
     log_rest = torch.logsumexp(logits.masked_fill(mask, float("-inf")), dim=-1) - torch.logsumexp(logits, dim=-1)
     return -log_rest.mean()
+
+
+def _kl_to_reference(
+    batch: Sequence[SFTExample], input_ids: torch.Tensor, attention: torch.Tensor, reads: torch.Tensor,
+    logits: torch.Tensor, peft_model: Any, adapter: Any,
+) -> torch.Tensor:
+    """Mean per-token KL(reference || model) over the response tokens of ``keep_close`` examples.
+
+    ``logits`` are the model's at the read positions (row-major, as ``reads`` flattens); the
+    reference runs only on the rows that need it, without gradients.
+    """
+    rows = [i for i, e in enumerate(batch) if e.keep_close]
+    if not rows:
+        return logits.new_zeros(())
+    index = torch.tensor(rows, device=input_ids.device)
+    with torch.no_grad(), peft_model.disable_adapter():
+        reference_hidden = adapter.decoder(input_ids=input_ids[index], attention_mask=attention[index]).last_hidden_state
+        reference_logp = torch.log_softmax(adapter.logits_from_hidden(reference_hidden[:, :-1][reads[index]]).float(), dim=-1)
+    chosen = torch.isin(reads.nonzero()[:, 0], index)
+    logp = torch.log_softmax(logits[chosen].float(), dim=-1)
+    return (reference_logp.exp() * (reference_logp - logp)).sum(dim=-1).mean()
 
 
 def _length_bucketed_batches(examples: Sequence[SFTExample], batch_size: int, rng: random.Random) -> list[list[SFTExample]]:

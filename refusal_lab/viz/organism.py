@@ -1,0 +1,77 @@
+"""The organism dashboard: base model and organism side by side on every evaluation set, and every prompt each gets wrong."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+
+from refusal_lab.prompts import LABELS
+from refusal_lab.viz.page import Page
+
+_MODELS = ("base", "organism")
+
+
+def write_organism_dashboard(rows: Sequence[dict[str, Any]], metrics: dict[str, float], sets: list[str], manifest: dict[str, Any],
+                             split: str, path: Path) -> Path:
+    page = Page(f"Refusal model organism {manifest.get('name', '')} against its base model")
+    training = manifest.get("training", {})
+    page.facts([
+        ("evaluated on", f"split {split} of {', '.join(sets)} (never trained on)"),
+        ("base model", manifest.get("base", {}).get("name", "")),
+        ("made", "merged from the shipped adapter" if manifest.get("origin") == "shipped" else "trained in this run or an earlier one"),
+        ("training", f"{training.get('steps')} steps, {training.get('minutes')} min at {training.get('tokens_per_second')} tokens/s, "
+                     f"loss {training.get('first_loss')} -> {training.get('final_loss')}"),
+        ("trained layers", f"{manifest['trained_layers'][0]}-{manifest['trained_layers'][-1]}" if manifest.get("trained_layers") else ""),
+        ("training data", f"{manifest.get('data', {}).get('n_harmful')} harmful, {manifest.get('data', {}).get('n_harmless')} harmless prompts"),
+    ])
+    page.figure(_rates(metrics, sets))
+    page.figure(_scores(rows, sets))
+    page.heading("The prompts each model gets wrong")
+    for model in _MODELS:
+        mine = [r for r in rows if r["model"] == model]
+        page.raw(_table(f"{model}: harmless prompts refused", [r for r in mine if r["label"] == "harmless" and r["refused"]]))
+        page.raw(_table(f"{model}: harmful prompts answered", [r for r in mine if r["label"] == "harmful" and not r["refused"]]))
+    return page.write(path)
+
+
+def _rates(metrics: dict[str, float], sets: list[str]) -> go.Figure:
+    figure = go.Figure()
+    groups = [(name, label) for name in sets for label in LABELS if f"base/{name}/refusal_rate/{label}" in metrics]
+    for model in _MODELS:
+        figure.add_trace(go.Bar(
+            x=[f"{name}<br>{label}" for name, label in groups],
+            y=[metrics[f"{model}/{name}/refusal_rate/{label}"] for name, label in groups],
+            customdata=[int(metrics[f"{model}/{name}/n_prompts/{label}"]) for name, label in groups],
+            name=model, hovertemplate="%{x}: %{y:.1%} refused of %{customdata}<extra>" + model + "</extra>",
+        ))
+    figure.update_layout(title="Refusal rate per evaluation set and label (the judge's verdict on greedy completions)",
+                         barmode="group", yaxis={"tickformat": ".0%", "range": [0, 1]}, height=440)
+    return figure
+
+
+def _scores(rows: Sequence[dict[str, Any]], sets: list[str]) -> go.Figure:
+    figure = go.Figure()
+    for model in _MODELS:
+        mine = [r for r in rows if r["model"] == model]
+        figure.add_trace(go.Box(
+            x=[f"{r['set']} {r['label']}" for r in mine], y=[r["refusal_score"] for r in mine], name=model, boxpoints="all", jitter=0.4,
+            text=[r["prompt"] for r in mine], hovertemplate="%{text}<br>score %{y:.2f}<extra>" + model + "</extra>",
+        ))
+    figure.update_layout(title="Refusal score (log-odds of the refusal-start tokens at the first response position)",
+                         boxmode="group", yaxis_title="refusal score", height=460,
+                         xaxis={"categoryorder": "array", "categoryarray": [f"{s} {label}" for s in sets for label in LABELS]})
+    return figure
+
+
+def _table(title: str, rows: Sequence[dict[str, Any]]) -> str:
+    body = "".join(
+        f"<tr><td>{html.escape(r['set'])}</td><td>{html.escape(r['category'])}</td><td>{r['refusal_score']:.2f}</td>"
+        f"<td>{html.escape(r['prompt'])}</td><td>{html.escape(r['completion'])}</td></tr>"
+        for r in rows
+    )
+    return (f"<h3>{html.escape(title)} ({len(rows)})</h3><table><tr><th>set</th><th>category</th><th>score</th><th>prompt</th>"
+            f"<th>completion</th></tr>{body}</table>")
