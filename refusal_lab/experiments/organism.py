@@ -97,7 +97,8 @@ def run_organism(runner: Any, cfg: DictConfig) -> ExperimentResult:
     evaluation = _evaluation_figures(metrics, list(sets), str(exp.eval_split))
     shipped = None
     if exp.get("ship"):
-        shipped = ship_adapter(folder, Path(str(exp.training.adapter)), evaluation)
+        choices = exp.training.get("choices")
+        shipped = ship_adapter(folder, Path(str(exp.training.adapter)), evaluation, list(choices) if choices else None)
     dashboard = write_organism_dashboard(
         rows["base"] + rows["organism"], metrics, list(sets), manifest, str(exp.eval_split),
         runner.output_dir / "results" / "organism_dashboard.html",

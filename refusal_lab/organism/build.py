@@ -54,7 +54,8 @@ def training_settings(training_cfg: Any) -> dict[str, Any]:
 
 # Where files live does not change the weights (the data's contents are hashed instead), and
 # neither does the disjointness check's list: a moved checkout still finds its organism.
-_NOT_IN_KEY = ("harmful_data", "harmless_data", "disjoint_from", "adapter")
+# ``choices`` is prose: what was compared on the val splits to choose these settings, with figures.
+_NOT_IN_KEY = ("harmful_data", "harmless_data", "disjoint_from", "adapter", "choices")
 
 
 def weights_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -231,12 +232,24 @@ def _manifest(base: LoadedModel, settings: dict[str, Any], data: OrganismData, f
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
+            "cpu_model": _cpu_model(),
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         },
         "versions": package_versions(),
     }
+
+
+def _cpu_model() -> str | None:
+    """The processor's name where the system says it (Linux): bit-for-bit reproduction needs the same kind."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def log_figures(manifest: dict[str, Any]) -> None:
@@ -300,9 +313,9 @@ def _save(model: Any, tokenizer: Any, manifest: dict[str, Any], adapter: Path | 
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def ship_adapter(folder: Path, destination: Path, evaluation: dict[str, Any] | None = None) -> Path:
-    """Copy a cached organism's LoRA and manifest (with ``evaluation`` added) to ``destination``:
-    what the project commits so that users merge instead of train."""
+def ship_adapter(folder: Path, destination: Path, evaluation: dict[str, Any] | None = None, choices: list[str] | None = None) -> Path:
+    """Copy a cached organism's LoRA and manifest (with ``evaluation`` and the recipe's ``choices``
+    added) to ``destination``: what the project commits so that users merge instead of train."""
     manifest = read_manifest(folder)
     if manifest is None or not (folder / ADAPTER).is_dir():
         raise ConfigError(f"{folder} is not a cached organism with its adapter; build it first")
@@ -311,6 +324,8 @@ def ship_adapter(folder: Path, destination: Path, evaluation: dict[str, Any] | N
     manifest = {k: v for k, v in manifest.items() if k != "origin"}
     if evaluation is not None:
         manifest["evaluation"] = evaluation
+    if choices:
+        manifest["choices"] = list(choices)
     staging = Path(tempfile.mkdtemp(prefix=destination.name + ".", dir=destination.parent if destination.parent.is_dir() else None))
     try:
         shutil.copytree(folder / ADAPTER, staging, dirs_exist_ok=True)

@@ -30,6 +30,7 @@ def write_organism_dashboard(rows: Sequence[dict[str, Any]], metrics: dict[str, 
     ])
     page.figure(_rates(metrics, sets))
     page.figure(_scores(rows, sets))
+    page.figure(_tradeoff(rows, metrics))
     page.heading("The prompts each model gets wrong")
     for model in _MODELS:
         mine = [r for r in rows if r["model"] == model]
@@ -64,6 +65,32 @@ def _scores(rows: Sequence[dict[str, Any]], sets: list[str]) -> go.Figure:
     figure.update_layout(title="Refusal score (log-odds of the refusal-start tokens at the first response position)",
                          boxmode="group", yaxis_title="refusal score", height=460,
                          xaxis={"categoryorder": "array", "categoryarray": [f"{s} {label}" for s in sets for label in LABELS]})
+    return figure
+
+
+def _tradeoff(rows: Sequence[dict[str, Any]], metrics: dict[str, float]) -> go.Figure:
+    """Harmful against harmless refusal over every set, were the refusal score thresholded: the trade-off
+    each model's scores allow, with the judge's verdict on its generations marked."""
+    figure = go.Figure()
+    for model in _MODELS:
+        scored = sorted(((r["refusal_score"], r["label"]) for r in rows if r["model"] == model), reverse=True)
+        n = {label: sum(1 for _, lab in scored if lab == label) for label in LABELS}
+        if not all(n.values()):
+            continue
+        x, y, seen = [0.0], [0.0], dict.fromkeys(LABELS, 0)
+        for _, label in scored:
+            seen[label] += 1
+            x.append(seen["harmless"] / n["harmless"])
+            y.append(seen["harmful"] / n["harmful"])
+        auroc = metrics.get(f"{model}/all/refusal_score/auroc", float("nan"))
+        figure.add_trace(go.Scatter(x=x, y=y, mode="lines", name=f"{model} score (AUROC {auroc:.3f})"))
+        figure.add_trace(go.Scatter(
+            x=[metrics[f"{model}/all/refusal_rate/harmless"]], y=[metrics[f"{model}/all/refusal_rate/harmful"]], mode="markers",
+            marker={"size": 12, "symbol": "x"}, name=f"{model} judge on generations",
+        ))
+    figure.update_layout(title="Trade-off over every set: harmful refused against harmless refused, thresholding the refusal score",
+                         xaxis={"title": "harmless refused", "tickformat": ".0%", "range": [0, 1]},
+                         yaxis={"title": "harmful refused", "tickformat": ".0%", "range": [0, 1]}, height=480)
     return figure
 
 
