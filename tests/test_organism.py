@@ -305,7 +305,7 @@ def test_shipped_organism_adapter_is_current_and_small(cache_dir: Path, tmp_path
     shipped = Path(settings["adapter"])
     manifest = read_manifest(shipped)
     data = load_organism_data(settings["harmful_data"], settings["harmless_data"])
-    base = cfg.experiment.training and compose_config([], tmp_path).model.organism.base
+    base = compose_config([], tmp_path).model.organism.base
     fingerprint = file_sha256(package_gguf_path(base.package, base.gguf_file), cache_dir)
     reasons = stale_reasons(manifest, settings, data, fingerprint)
     assert not reasons, f"{'; '.join(reasons)}: retrain with python -m refusal_lab experiment=organism experiment.rebuild=true experiment.ship=true"
