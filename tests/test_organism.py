@@ -319,6 +319,7 @@ def test_shipped_organism_adapter_is_current_and_small(cache_dir: Path, tmp_path
     training = manifest["training"]
     assert len(training["losses"]) == training["steps"] and training["tokens_per_second"] > 0 and training["minutes"] > 0
     assert manifest["machine"]["processor"] and manifest["versions"]["torch"] and manifest["evaluation"]["split"] == "test"
+    assert manifest.get("choices") == settings["choices"], "the manifest's recipe choices must be the config's (conf/organism/smollm2_refusal.yaml)"
 
 
 def test_organism_experiment_refuses_an_organism_as_base(tmp_path: Path) -> None:
