@@ -368,7 +368,7 @@ def test_full_rebuild_reproduces_the_shipped_organism(embedded_model_dir: Path, 
 
 @pytest.mark.slow
 def test_shipped_organism_refuses_harm_and_keeps_answering(embedded_model_dir: Path, tmp_path: Path) -> None:
-    """The shipped organism and its base model on the test split of every evaluation set (about 5 minutes).
+    """The shipped organism and its base model on the test split of every evaluation set (5 to 9 minutes on 2 cores).
 
     The bounds are what the shipped organism measured (README), less a margin.
     """
