@@ -70,14 +70,28 @@ def _redact(value: Any, key: str, secrets: set[str]) -> Any:
     return value
 
 
-def layer_range(setting: Any, n_layers: int, key: str) -> list[int]:
-    """``[first, stop)`` as in Python's range, or null for every layer."""
+def layer_range(setting: Any, n_layers: int | None, key: str) -> list[int]:
+    """``[first, stop)`` as in Python's range, or null for every layer; ``n_layers=None`` checks the form alone."""
     if setting is None:
-        return list(range(n_layers))
+        return list(range(n_layers or 0))
     try:
         first, stop = (int(x) for x in setting)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{key}={setting!r} must be [first, stop) (two layer numbers) or null for every layer") from error
-    if not 0 <= first < stop <= n_layers:
-        raise ConfigError(f"{key}={[first, stop]} must satisfy 0 <= first < stop <= {n_layers} (a range, stop excluded)")
+    if not 0 <= first < stop <= (n_layers if n_layers is not None else stop):
+        raise ConfigError(f"{key}={[first, stop]} must satisfy 0 <= first < stop <= {n_layers or 'the number of layers'} (a range, stop excluded)")
     return list(range(first, stop))
+
+
+# Settings any experiment may have that must be a whole number of at least 1.
+_POSITIVE = ("max_new_tokens", "batch_size")
+
+
+def check_positive_settings(exp: Any) -> None:
+    """A one-line error for ``experiment.max_new_tokens=-5`` and the like, before anything loads."""
+    for key in _POSITIVE:
+        value = exp.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"experiment.{key}={value!r} must be a whole number of at least 1")

@@ -17,51 +17,16 @@ from typing import Any
 from omegaconf import DictConfig
 from transformers import set_seed
 
-from refusal_lab.config import plain_config, redact_overrides
+from refusal_lab.config import check_positive_settings, layer_range, plain_config, redact_overrides
 from refusal_lab.experiments import ExperimentResult, get_experiment
-from refusal_lab.generation import Generation, generate_greedy
-from refusal_lab.metrics import make_judge, refusal_score, refusal_token_ids
-from refusal_lab.metrics.judges import Judge
+from refusal_lab.experiments.context import ExperimentContext
+from refusal_lab.metrics import make_judge, refusal_token_ids
 from refusal_lab.models import LoadedModel, load_weights, plan_model
-from refusal_lab.prompts import PromptRecord, PromptSet, format_chat, load_prompt_set, require_chat_template
+from refusal_lab.models.sources import ModelSource
+from refusal_lab.prompts import load_prompt_set, require_chat_template
 from refusal_lab.tracking import JobInfo, make_tracker, package_versions, write_results
 
 log = logging.getLogger(__name__)
-
-
-class Runner:
-    """What every experiment gets: the loaded model, the prompt set, the judge and the config."""
-
-    def __init__(
-        self,
-        cfg: DictConfig,
-        model: LoadedModel,
-        prompts: PromptSet,
-        judge: Judge,
-        refusal_ids: list[int],
-        output_dir: Path,
-    ) -> None:
-        self.cfg = cfg
-        self.model = model
-        self.prompts = prompts
-        self.judge = judge
-        self.refusal_ids = refusal_ids
-        self.output_dir = output_dir
-        self.system_prompt: str | None = cfg.model.get("system_prompt")
-
-    def chat_texts(self, records: Sequence[PromptRecord]) -> list[str]:
-        return [format_chat(self.model.tokenizer, r.prompt, self.system_prompt) for r in records]
-
-    def generate(self, records: Sequence[PromptRecord], max_new_tokens: int, batch_size: int, description: str) -> list[Generation]:
-        """Greedy completions, each with its refusal score as ``readout``."""
-        return generate_greedy(
-            self.model,
-            self.chat_texts(records),
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            first_logits_readout=lambda logits: refusal_score(logits, self.refusal_ids),
-            description=description,
-        )
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -78,12 +43,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     if spec.needs_pairs:
         prompts.pairs()
+    check_positive_settings(cfg.experiment)
     if spec.check is not None:
         spec.check(cfg)
     judge = make_judge(cfg.get("judge"))
     config = plain_config(cfg)
     tracker = make_tracker(cfg.get("logger"), job, spec.name, config)
-    plan = plan_model(cfg.model, cfg.quant, cfg.paths.cache_dir)
+    source, steps = organism_step(cfg)
+    plan = plan_model(cfg.model, cfg.quant, cfg.paths.cache_dir, source=source)
+    if cfg.experiment.get("layers") is not None:
+        layer_range(cfg.experiment.layers, plan.n_layers(), "experiment.layers")
     tokenizer = plan.tokenizer
     chat_template = require_chat_template(tokenizer, str(cfg.model.name))
     refusal_ids = refusal_token_ids(tokenizer, list(cfg.model.refusal_tokens))
@@ -97,20 +66,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tracker.start()
     try:
         loaded = load_weights(cfg.model, plan)
-        runner = Runner(cfg, loaded, prompts, judge, refusal_ids, job.output_dir)
-        result: ExperimentResult = spec.run(runner, cfg)
-        loaded = runner.model  # an experiment may replace the model (the organism does)
+        context = ExperimentContext(cfg, loaded, prompts, judge, refusal_ids, job.output_dir)
+        result: ExperimentResult = spec.run(context)
+        loaded = context.model  # an experiment may replace the model (the organism does)
+        result.metrics.update({f"steps/{name}/seconds": step["seconds"] for name, step in steps.items()})
         provenance = {
             "model": loaded.describe(),
             "prompts": prompts.describe(),
             "judge": judge.describe(),
             "chat_template": chat_template,
-            "system_prompt": runner.system_prompt,
+            "system_prompt": context.system_prompt,
             "refusal_tokens": {
                 "strings": list(cfg.model.refusal_tokens),
                 "ids": refusal_ids,
                 "decoded": [tokenizer.decode([i]) for i in refusal_ids],
             },
+            "steps": steps,
             "seed": int(cfg.seed),
             "versions": package_versions(),
             "job": {"output_dir": str(job.output_dir), "sweep": job.sweep_name, "num": job.job_num, "overrides": job.overrides},
@@ -135,6 +106,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if where:
         log.info("W&B run:     %s", where)
     return {"metrics": result.metrics, "results_path": str(files.results), **provenance}
+
+
+def organism_step(cfg: DictConfig) -> tuple[ModelSource | None, dict[str, Any]]:
+    """Make sure the organism the config names exists (cached, merged from the shipped adapter, or
+    trained): a step of its own, timed and recorded, before the model is planned and loaded."""
+    if not cfg.model.get("organism") or cfg.model.get("path"):
+        return None, {}
+    from refusal_lab.organism.build import ensure_organism, organism_source
+
+    started = time.perf_counter()
+    folder, origin = ensure_organism(cfg.model.organism, cfg.paths.cache_dir)
+    seconds = round(time.perf_counter() - started, 2)
+    log.info("Organism step: %s organism at %s (%.1f s)", origin, folder, seconds)
+    return organism_source(folder), {"organism": {"origin": origin, "folder": str(folder), "seconds": seconds}}
 
 
 def current_job(cfg: DictConfig) -> JobInfo:

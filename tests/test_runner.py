@@ -135,7 +135,7 @@ def test_wandb_run_closes_when_the_experiment_raises(embedded_model_dir: Path, t
     import wandb
 
     @register_experiment("explode_for_test")
-    def explode(runner, cfg):
+    def explode(context):
         raise RuntimeError("boom")
 
     try:

@@ -1,12 +1,15 @@
-"""One module per experiment, each a function (runner, cfg) -> ExperimentResult, found by name."""
+"""Experiments by name: each a function (context) -> ExperimentResult, registered in its own module.
 
-from refusal_lab.experiments import baseline, organism, patching  # noqa: F401  (registration)
+This package's import loads no experiment: the registry imports the built-in ones the first time
+an experiment is looked up, so ``refusal_lab.experiments.result`` stays free of them.
+"""
+
 from refusal_lab.experiments.registry import (
-    ExperimentResult,
     ExperimentSpec,
     get_experiment,
     known_experiments,
     register_experiment,
 )
+from refusal_lab.experiments.result import ExperimentResult
 
 __all__ = ["ExperimentResult", "ExperimentSpec", "get_experiment", "known_experiments", "register_experiment"]

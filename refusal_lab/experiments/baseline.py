@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from refusal_lab.experiments.registry import ExperimentResult, register_experiment
+from refusal_lab.experiments.context import ExperimentContext
+from refusal_lab.experiments.registry import register_experiment
+from refusal_lab.experiments.result import ExperimentResult
 from refusal_lab.prompts import LABELS, PromptRecord
 from refusal_lab.viz.baseline import write_baseline_dashboard
 
@@ -17,18 +19,19 @@ log = logging.getLogger(__name__)
 
 
 @register_experiment("baseline")
-def run_baseline(runner: Any, cfg: DictConfig) -> ExperimentResult:
+def run_baseline(context: ExperimentContext) -> ExperimentResult:
     """Greedy completions judged for refusal, and the refusal score, per label and category."""
-    rows = answer_rows(runner, runner.prompts.records, cfg.experiment, "baseline")
+    cfg = context.cfg
+    rows = answer_rows(context, context.prompts.records, cfg.experiment, "baseline")
     metrics, per_category = summarize(rows)
     _log_summary(metrics, per_category)
     facts = [
-        ("title", f"Baseline: {runner.model.name} at {runner.model.precision.name}"),
-        ("prompts", f"{runner.prompts.name}, split {cfg.prompts.get('split') or 'all'}, {len(rows)} prompts"),
-        ("judge", runner.judge.name),
+        ("title", f"Baseline: {context.model.name} at {context.model.precision.name}"),
+        ("prompts", f"{context.prompts.name}, split {cfg.prompts.get('split') or 'all'}, {len(rows)} prompts"),
+        ("judge", context.judge.name),
         ("completions", f"greedy, up to {cfg.experiment.max_new_tokens} new tokens"),
     ]
-    dashboard = write_baseline_dashboard(rows, metrics, per_category, facts, runner.output_dir / "results" / "baseline_dashboard.html")
+    dashboard = write_baseline_dashboard(rows, metrics, per_category, facts, context.path("baseline", "dashboard.html"))
     return ExperimentResult(
         metrics=metrics,
         details={"per_category": per_category},
@@ -37,9 +40,9 @@ def run_baseline(runner: Any, cfg: DictConfig) -> ExperimentResult:
     )
 
 
-def answer_rows(runner: Any, records: Sequence[PromptRecord], exp: DictConfig, description: str) -> list[dict[str, Any]]:
+def answer_rows(context: ExperimentContext, records: Sequence[PromptRecord], exp: DictConfig, description: str) -> list[dict[str, Any]]:
     """One row per prompt: its greedy completion, the judge's verdict and the refusal score."""
-    generations = runner.generate(records, int(exp.max_new_tokens), int(exp.batch_size), description)
+    generations = context.generate(records, int(exp.max_new_tokens), int(exp.batch_size), description)
     return [
         {
             "index": i,
@@ -49,7 +52,7 @@ def answer_rows(runner: Any, records: Sequence[PromptRecord], exp: DictConfig, d
             "split": record.split,
             "prompt": record.prompt,
             "completion": generation.completion,
-            "refused": runner.judge.is_refusal(generation.completion),
+            "refused": context.judge.is_refusal(generation.completion),
             "refusal_score": round(float(generation.readout), 5),
             "n_new_tokens": generation.n_new_tokens,
         }

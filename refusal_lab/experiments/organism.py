@@ -20,7 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from refusal_lab.errors import ConfigError
 from refusal_lab.experiments.baseline import answer_rows, summarize
-from refusal_lab.experiments.registry import ExperimentResult, register_experiment
+from refusal_lab.experiments.context import ExperimentContext
+from refusal_lab.experiments.registry import register_experiment
+from refusal_lab.experiments.result import ExperimentResult
 from refusal_lab.metrics.divergence import mean_token_kl
 from refusal_lab.models import load_weights, plan_model
 from refusal_lab.organism.build import folder_for, log_figures, make_organism, organism_source, read_manifest, ship_adapter
@@ -47,36 +49,37 @@ def check_organism(cfg: DictConfig) -> None:
 
 
 @register_experiment("organism", check=check_organism)
-def run_organism(runner: Any, cfg: DictConfig) -> ExperimentResult:
+def run_organism(context: ExperimentContext) -> ExperimentResult:
     """Make (or reuse) the organism and compare it with its base model on held-out prompts."""
+    cfg = context.cfg
     exp = cfg.experiment
     sets = _evaluation_sets(exp)
     records = [record for prompts in sets.values() for record in prompts]
     set_of = [name for name, prompts in sets.items() for _ in prompts]
-    rows = {"base": answer_rows(runner, records, exp, "base model")}
+    rows = {"base": answer_rows(context, records, exp, "base model")}
 
-    folder = folder_for(exp.training, runner.model.source.weights_identity, cfg.paths.cache_dir)
+    folder = folder_for(exp.training, context.model.source.weights_identity, cfg.paths.cache_dir)
     manifest = read_manifest(folder)
     if manifest is None or exp.rebuild:
-        reference = copy.deepcopy(runner.model.model)  # making the organism changes the base model's weights in place
-        folder, manifest = make_organism(runner.model, exp.training, cfg.paths.cache_dir, rebuild=bool(exp.rebuild))
+        reference = copy.deepcopy(context.model.model)  # making the organism changes the base model's weights in place
+        folder, manifest = make_organism(context.model, exp.training, cfg.paths.cache_dir, rebuild=bool(exp.rebuild))
     else:
         log.info("Reusing the organism at %s (experiment.rebuild=true trains it again)", folder)
         log_figures(manifest)
-        reference = runner.model.model
+        reference = context.model.model
         name = str(exp.training.name)
         plan = plan_model(OmegaConf.create({"name": name, "path": str(folder)}), cfg.quant, cfg.paths.cache_dir)
-        runner.model = load_weights(OmegaConf.create({"name": name}), plan)
-        runner.model.source = organism_source(folder)
-    rows["organism"] = answer_rows(runner, records, exp, "organism")
+        context.model = load_weights(OmegaConf.create({"name": name}), plan)
+        context.model.source = organism_source(folder)
+    rows["organism"] = answer_rows(context, records, exp, "organism")
     for model in MODELS:
         for row, name in zip(rows[model], set_of, strict=True):
             row["set"], row["model"] = name, model
 
     harmless = [i for i, record in enumerate(records) if record.label == "harmless"]
     kl = mean_token_kl(
-        reference, runner.model.model, runner.model.tokenizer,
-        runner.chat_texts([records[i] for i in harmless]), [rows["base"][i]["completion"] for i in harmless],
+        reference, context.model.model, context.model.tokenizer,
+        context.chat_texts([records[i] for i in harmless]), [rows["base"][i]["completion"] for i in harmless],
     )
     del reference
     for i, value in zip(harmless, kl, strict=True):
@@ -91,7 +94,7 @@ def run_organism(runner: Any, cfg: DictConfig) -> ExperimentResult:
             metrics.update({f"{model}/{set_name}/{k}": v for k, v in set_metrics.items()})
             if set_name != ALL:
                 per_category += [{"model": model, "set": set_name, **row} for row in set_categories]
-        metrics.update(_closeness(runner, [rows["base"][i] for i in chosen], [rows["organism"][i] for i in chosen], f"organism/{set_name}"))
+        metrics.update(_closeness(context, [rows["base"][i] for i in chosen], [rows["organism"][i] for i in chosen], f"organism/{set_name}"))
     metrics["organism/build_seconds"] = float(manifest["build_seconds"])
     _log_summary(metrics, list(sets))
     evaluation = _evaluation_figures(metrics, list(sets), str(exp.eval_split))
@@ -101,7 +104,7 @@ def run_organism(runner: Any, cfg: DictConfig) -> ExperimentResult:
         shipped = ship_adapter(folder, Path(str(exp.training.adapter)), evaluation, list(choices) if choices else None)
     dashboard = write_organism_dashboard(
         rows["base"] + rows["organism"], metrics, list(sets), manifest, str(exp.eval_split),
-        runner.output_dir / "results" / "organism_dashboard.html",
+        context.path("organism", "dashboard.html"),
     )
     return ExperimentResult(
         metrics=metrics,
@@ -125,12 +128,12 @@ def _evaluation_sets(exp: DictConfig) -> dict[str, tuple[PromptRecord, ...]]:
     return sets
 
 
-def _closeness(runner: Any, base_rows: list[dict[str, Any]], organism_rows: list[dict[str, Any]], prefix: str) -> dict[str, float]:
+def _closeness(context: ExperimentContext, base_rows: list[dict[str, Any]], organism_rows: list[dict[str, Any]], prefix: str) -> dict[str, float]:
     """How far the organism's harmless answers moved from the base model's: KL and the same first tokens."""
     pairs = [(b, o) for b, o in zip(base_rows, organism_rows, strict=True) if b["label"] == "harmless"]
     if not pairs:
         return {}
-    tokenize = runner.model.tokenizer
+    tokenize = context.model.tokenizer
     same = [
         tokenize(b["completion"], add_special_tokens=False)["input_ids"][:SAME_PREFIX_TOKENS]
         == tokenize(o["completion"], add_special_tokens=False)["input_ids"][:SAME_PREFIX_TOKENS]

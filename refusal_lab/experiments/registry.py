@@ -3,36 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from refusal_lab.errors import ConfigError
+from refusal_lab.experiments.result import ExperimentResult
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-    from refusal_lab.runner import Runner
+    from refusal_lab.experiments.context import ExperimentContext
 
 
-@dataclass
-class ExperimentResult:
-    """What an experiment hands back; the runner writes it to disk and to W&B.
-
-    metrics: flat scalars with ``/`` in their keys (``refusal_rate/harmful``), what a sweep compares.
-    details: anything else JSON can hold (per-category tables, token ids).
-    tables: named row lists, each written as ``results/<experiment>_<name>.jsonl`` and a W&B table.
-    files: what the experiment wrote itself (dashboards, figures, arrays), by name; the runner lists
-        them in the results file and the tracker uploads them (HTML and PNG files also as media).
-    """
-
-    metrics: dict[str, float]
-    details: dict[str, Any] = field(default_factory=dict)
-    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    files: dict[str, Path] = field(default_factory=dict)
-
-
-ExperimentFn = Callable[["Runner", "DictConfig"], ExperimentResult]
+ExperimentFn = Callable[["ExperimentContext"], ExperimentResult]
 
 
 CheckFn = Callable[["DictConfig"], Any]
@@ -59,11 +42,24 @@ def register_experiment(name: str, *, needs_pairs: bool = False, check: CheckFn 
     return decorate
 
 
+# The modules that register the built-in experiments, imported on first look-up.
+BUILTIN = ("baseline", "organism", "patching")
+
+
+def _load_builtin() -> None:
+    import importlib
+
+    for module in BUILTIN:
+        importlib.import_module(f"refusal_lab.experiments.{module}")
+
+
 def known_experiments() -> list[str]:
+    _load_builtin()
     return sorted(_EXPERIMENTS)
 
 
 def get_experiment(name: str) -> ExperimentSpec:
+    _load_builtin()
     if name not in _EXPERIMENTS:
         raise ConfigError(f"unknown experiment {name!r}; known experiments: {', '.join(known_experiments())}")
     return _EXPERIMENTS[name]

@@ -13,7 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from refusal_lab.errors import ConfigError
+from refusal_lab.quiet import cpu_4bit_notice
 from refusal_lab.models.adapters import ArchitectureAdapter, adapter_for
+from refusal_lab.models.adapters.base import text_config
 from refusal_lab.models.precision import Precision, resolve_precision
 from refusal_lab.models.sources import ModelSource, resolve_source
 
@@ -117,14 +119,25 @@ class ModelPlan:
     tokenizer: PreTrainedTokenizerBase
     precision: Precision
     device_map: Any
+    trust_remote_code: bool = False
+
+    def n_layers(self) -> int:
+        """The decoder's depth, from the model's config file alone (settings that name layers are checked with it)."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(self.source.location, revision=self.source.revision, trust_remote_code=self.trust_remote_code)
+        return int(text_config(config).num_hidden_layers)
 
 
-def plan_model(model_cfg: Any, quant_cfg: Any, cache_dir: str | Path) -> ModelPlan:
-    """Device, precision, source and tokenizer, in order of cost; any can stop the run."""
+def plan_model(model_cfg: Any, quant_cfg: Any, cache_dir: str | Path, source: ModelSource | None = None) -> ModelPlan:
+    """Device, precision, source and tokenizer, in order of cost; any can stop the run.
+
+    ``source``: where the weights are, when a step before this one found them (the organism).
+    """
     device_map, device_kind = resolve_device_map(model_cfg.get("device_map", "auto"))
     precision = resolve_precision(quant_cfg, device_kind)
-    source = resolve_source(model_cfg, cache_dir)
-    return ModelPlan(source, load_tokenizer(source, model_cfg), precision, device_map)
+    source = source or resolve_source(model_cfg, cache_dir)
+    return ModelPlan(source, load_tokenizer(source, model_cfg), precision, device_map, bool(model_cfg.get("trust_remote_code", False)))
 
 
 def load_model(model_cfg: Any, quant_cfg: Any, cache_dir: str | Path) -> LoadedModel:
@@ -150,6 +163,9 @@ def load_weights(model_cfg: Any, plan: ModelPlan) -> LoadedModel:
         raise ConfigError(f"could not load {source.description}: {error}") from error
     model.eval()
     model.requires_grad_(False)
+    notice = cpu_4bit_notice() if precision.bits == 4 and "cpu" in {p.device.type for p in model.parameters()} else None
+    if notice:
+        log.info("%s", notice)
     if precision.bits == 8 and precision.dtype == torch.float32:
         log.info("bitsandbytes int8: activations are cast to fp16 inside each quantized matmul (its per-matmul notice is silenced)")
     loaded = LoadedModel(

@@ -57,7 +57,7 @@ def resolve_source(model_cfg: Any, cache_dir: str | Path) -> ModelSource:
     if model_cfg.get("organism") and not model_cfg.get("path"):
         from refusal_lab.organism.build import ensure_organism, organism_source  # it loads its base with this module
 
-        return organism_source(ensure_organism(model_cfg.organism, cache_dir))
+        return organism_source(ensure_organism(model_cfg.organism, cache_dir)[0])
     if model_cfg.get("path"):
         path = Path(str(model_cfg.path)).expanduser()
         if not path.exists():

@@ -348,10 +348,12 @@ def expected_folder(organism_cfg: Any, cache_dir: str | Path) -> Path:
     return folder_for(organism_cfg.training, resolve_source(organism_cfg.base, cache_dir).weights_identity, cache_dir)
 
 
-def ensure_organism(organism_cfg: Any, cache_dir: str | Path) -> Path:
-    """The organism's folder, made first (from its base model, in fp32) when the cache lacks it."""
+def ensure_organism(organism_cfg: Any, cache_dir: str | Path) -> tuple[Path, str]:
+    """The organism's folder, made first (from its base model, in fp32) when the cache lacks it,
+    and how it was got: ``cache``, ``shipped`` (the adapter merged in) or ``trained``."""
     folder = expected_folder(organism_cfg, cache_dir)
     manifest = read_manifest(folder)
+    origin = "cache"
     if manifest is None:
         log.info("The refusal model organism is not in the cache (%s); making it now", folder)
         base = load_model(organism_cfg.base, OmegaConf.create(FP32), cache_dir)
@@ -360,6 +362,7 @@ def ensure_organism(organism_cfg: Any, cache_dir: str | Path) -> Path:
         finally:
             base.close()
         assert built == folder
+        origin = str(manifest["origin"])
     else:
         log_figures(manifest)
-    return folder
+    return folder, origin

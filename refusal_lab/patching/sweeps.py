@@ -10,23 +10,15 @@ The *span* is what lies between: the positions "all positions" means for a pair.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from refusal_lab.errors import ConfigError
 from refusal_lab.patching.engine import Variant
 from refusal_lab.prompts import format_chat
-
-# name -> what each variant patches; the shape of its result per pair.
-SWEEPS = {
-    "resid": "the residual stream entering a layer, at one position: [layers, positions]",
-    "head": "one attention head's output over the pair's span: [layers, heads]",
-    "head_pos": "one attention head's output at one position: [layers, heads, positions]",
-    "attn": "the attention block's output over the span: [layers]",
-    "mlp": "the MLP's output over the span: [layers]",
-}
-
 
 def post_instruction_tokens(tokenizer: PreTrainedTokenizerBase, system_prompt: str | None) -> int:
     """How many template tokens follow the user's message (SmolLM2: ``<|im_end|>``, newline, ``<|im_start|>``, ``ass``, ``istant``, newline)."""
@@ -53,35 +45,79 @@ def shared_span(a: torch.Tensor, b: torch.Tensor, post_instruction: int) -> int:
     return max(post_instruction, min(len(a_ids), len(b_ids)) - common)
 
 
-def sweep_variants(sweep: str, layers: Sequence[int], n_heads: int, span: int, positions: int) -> list[Variant]:
-    """The variants of one sweep for a pair; ``positions`` is how many per-position offsets it covers.
+@dataclass(frozen=True)
+class Sweep:
+    """One kind of component patched over a range of layers, and everything that follows from it.
 
-    Per-position sweeps stop at the pair's span: before it the two prompts share their tokens (the
-    activations are the same, the patch a no-op) or, for prompts of different lengths, the offsets
-    would pair different tokens. Those cells stay unmeasured (NaN) for the pair.
+    ``kind``: the site each variant patches. ``per_head``: one variant per head. ``positions``: the
+    setting (``experiment.<positions>``) that gives how many positions from the end get one variant
+    each; None patches the whole span at once. ``ranked``: listed among the top components.
+    ``figure``: how the dashboard draws it (a name in ``viz/dashboard.py``'s figure table).
+    Adding a sweep is adding one entry to ``SWEEPS``.
     """
-    whole = tuple(range(-span, 0))
-    positions = min(positions, span)
-    if sweep == "resid":
-        return [Variant("resid_pre", layer, (-p,)) for layer in layers for p in range(positions, 0, -1)]
-    if sweep == "head":
-        return [Variant("head_z", layer, whole, head) for layer in layers for head in range(n_heads)]
-    if sweep == "head_pos":
-        return [
-            Variant("head_z", layer, (-p,), head) for layer in layers for head in range(n_heads) for p in range(positions, 0, -1)
-        ]
-    if sweep == "attn":
-        return [Variant("attn_out", layer, whole) for layer in layers]
-    if sweep == "mlp":
-        return [Variant("mlp_out", layer, whole) for layer in layers]
-    raise ConfigError(f"unknown sweep {sweep!r}; known sweeps: {', '.join(SWEEPS)}")
+
+    name: str
+    description: str
+    kind: str
+    per_head: bool = False
+    positions: str | None = None
+    ranked: bool = False
+    figure: str = "blocks"
+    title: str = ""
+
+    def shape(self, n_layers: int, n_heads: int, positions: int) -> tuple[int, ...]:
+        """The shape of one pair's result: layers, then heads, then positions where the sweep has them."""
+        return (n_layers, *((n_heads,) if self.per_head else ()), *((positions,) if self.positions else ()))
+
+    def variants(self, layers: Sequence[int], n_heads: int, span: int, positions: int) -> list[Variant]:
+        """The variants for a pair whose span (see the module docstring) is ``span``.
+
+        Per-position sweeps stop at the span: before it the two prompts share their tokens (the
+        activations are the same, the patch a no-op) or, for prompts of different lengths, the
+        offsets would pair different tokens. Those cells stay unmeasured (NaN) for the pair.
+        """
+        offsets = [(-p,) for p in range(min(positions, span), 0, -1)] if self.positions else [tuple(range(-span, 0))]
+        heads = range(n_heads) if self.per_head else [None]
+        return [Variant(self.kind, layer, where, head) for layer in layers for head in heads for where in offsets]
+
+    def place(self, variants: Sequence[Variant], values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """One pair's values in the sweep's array; cells the pair has no variant for stay NaN."""
+        out = np.full(shape, np.nan)
+        for variant, value in zip(variants, values):
+            out[self.cell(variant, shape)] = value
+        return out
+
+    def cell(self, variant: Variant, shape: tuple[int, ...]) -> tuple[int, ...]:
+        position = (shape[-1] + variant.offsets[0],) if self.positions else ()
+        return (variant.layer, *((variant.head,) if self.per_head else ()), *position)
+
+    def label(self, index: tuple[int, ...], shape: tuple[int, ...]) -> str:
+        """A component's name; positions as offsets from the end, as everywhere in the results."""
+        name = f"L{index[0]}H{index[1]}" if self.per_head else f"L{index[0]}" + ("" if self.kind == "resid_pre" else f" {self.name}")
+        return name + (f" position {index[-1] - shape[-1]}" if self.positions else "")
 
 
-def sweep_shape(sweep: str, n_layers: int, n_heads: int, positions: int) -> tuple[int, ...]:
-    return {
-        "resid": (n_layers, positions),
-        "head": (n_layers, n_heads),
-        "head_pos": (n_layers, n_heads, positions),
-        "attn": (n_layers,),
-        "mlp": (n_layers,),
-    }[sweep]
+SWEEPS: dict[str, Sweep] = {
+    sweep.name: sweep
+    for sweep in (
+        Sweep("resid", "the residual stream entering a layer, at one position: [layers, positions]", "resid_pre",
+              positions="resid_positions", figure="layer_by_position", title="Residual stream entering each layer, per position"),
+        Sweep("head", "one attention head's output over the pair's span: [layers, heads]", "head_z", per_head=True,
+              ranked=True, figure="layer_by_head", title="Attention heads (output over the pair's span)"),
+        Sweep("head_pos", "one attention head's output at one position: [layers, heads, positions]", "head_z", per_head=True,
+              positions="head_positions", figure="head_by_position"),
+        Sweep("attn", "the attention block's output over the span: [layers]", "attn_out", ranked=True, title="attention block"),
+        Sweep("mlp", "the MLP's output over the span: [layers]", "mlp_out", ranked=True, title="MLP"),
+    )
+}
+
+
+def get_sweep(name: str) -> Sweep:
+    if name not in SWEEPS:
+        raise ConfigError(f"unknown sweep {name!r}; known sweeps: {', '.join(SWEEPS)}")
+    return SWEEPS[name]
+
+
+def sweep_variants(sweep: str, layers: Sequence[int], n_heads: int, span: int, positions: int) -> list[Variant]:
+    """The variants of the sweep named ``sweep`` for one pair (see ``Sweep.variants``)."""
+    return get_sweep(sweep).variants(layers, n_heads, span, positions)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_lab.config import PROJECT_ROOT, redact_secrets
-from refusal_lab.experiments.registry import ExperimentResult
+from refusal_lab.experiments.result import ExperimentResult
 
 _PACKAGES = (
     "refusal-lab", "torch", "transformers", "accelerate", "bitsandbytes", "safetensors", "gguf",

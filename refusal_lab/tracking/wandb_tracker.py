@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 from refusal_lab.config import redact_secrets
 from refusal_lab.errors import ConfigError
-from refusal_lab.experiments.registry import ExperimentResult
+from refusal_lab.experiments.result import ExperimentResult
 from refusal_lab.tracking.results import ResultFiles
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class WandbTracker:
             self.run.summary.update(dict(result.metrics))
             for name, rows in result.tables.items():
                 if rows:
-                    columns = list(rows[0])
+                    columns = table_columns(rows)
                     data = [[_cell(row.get(c)) for c in columns] for row in redact_secrets(rows)]
                     self.run.log({f"{self.experiment}/{name}": wandb.Table(columns=columns, data=data)})
             for name, path in files.files.items():
@@ -143,6 +143,11 @@ def make_tracker(logger_cfg: Any, job: JobInfo, experiment: str, config: dict[st
     tracker = WandbTracker(logger_cfg, job, experiment, config)
     tracker.validate()
     return tracker
+
+
+def table_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every key any row has, in the order they first appear: a column only later rows have is kept."""
+    return list(dict.fromkeys(key for row in rows for key in row))
 
 
 def _cell(value: Any) -> Any:

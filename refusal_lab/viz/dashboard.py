@@ -17,6 +17,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from refusal_lab.patching.sweeps import SWEEPS, Sweep
 from refusal_lab.viz.page import Page
 
 _SHOWN = 25  # ranked components listed per direction (all of them are in the results file)
@@ -46,25 +47,32 @@ def _direction_title(direction: str, details: dict[str, Any]) -> str:
 
 
 def _direction_figures(direction: str, effects: dict[str, Any], details: dict[str, Any]) -> list[go.Figure]:
-    figures = []
+    """One figure per sweep, drawn as its ``Sweep.figure`` says; the per-layer blocks share one chart."""
     categories = details.get("per_category", {}).get(direction, {})
-    positions = details["positions"]
-    if "head" in effects:
-        figures.append(_heatmap(
-            effects["head"], categories.get("head", {}), "Attention heads (output over the pair's span)",
-            x=[f"H{h}" for h in range(np.array(effects["head"]["mean"], dtype=float).shape[1])], x_title="head",
-        ))
-    if "resid" in effects:
-        figures.append(_heatmap(
-            effects["resid"], categories.get("resid", {}), "Residual stream entering each layer, per position",
-            x=[str(p) for p in positions["resid"]], x_title="position from the end (-1: where the refusal score is read)",
-        ))
-    if "head_pos" in effects:
-        figures.append(_head_positions(effects["head_pos"], positions["head_pos"], positions["post_instruction_tokens"]))
-    blocks = [k for k in ("attn", "mlp") if k in effects]
+    figures = []
+    blocks = [SWEEPS[name] for name in effects if SWEEPS[name].figure == "blocks"]
+    for name, summary in effects.items():
+        sweep = SWEEPS[name]
+        if sweep.figure != "blocks":
+            figures.append(_FIGURES[sweep.figure](sweep, summary, categories.get(name, {}), details))
     if blocks:
         figures.append(_blocks(effects, blocks, categories, details["bootstrap"]["level"]))
     return figures
+
+
+def _layer_by_head(sweep: Sweep, summary: dict[str, Any], categories: dict[str, Any], details: dict[str, Any]) -> go.Figure:
+    heads = np.array(summary["mean"], dtype=float).shape[1]
+    return _heatmap(summary, categories, sweep.title, x=[f"H{h}" for h in range(heads)], x_title="head")
+
+
+def _layer_by_position(sweep: Sweep, summary: dict[str, Any], categories: dict[str, Any], details: dict[str, Any]) -> go.Figure:
+    positions = details["positions"][sweep.name]
+    return _heatmap(summary, categories, sweep.title, x=[str(p) for p in positions],
+                    x_title="position from the end (-1: where the refusal score is read)")
+
+
+def _head_by_position(sweep: Sweep, summary: dict[str, Any], categories: dict[str, Any], details: dict[str, Any]) -> go.Figure:
+    return _head_positions(summary, details["positions"][sweep.name], details["positions"]["post_instruction_tokens"])
 
 
 def _heatmap(summary: dict[str, Any], by_category: dict[str, Any], title: str, x: Sequence[str], x_title: str) -> go.Figure:
@@ -111,10 +119,10 @@ def _head_positions(summary: dict[str, Any], positions: Sequence[int], post_inst
     return figure
 
 
-def _blocks(effects: dict[str, Any], blocks: Sequence[str], categories: dict[str, Any], level: float) -> go.Figure:
+def _blocks(effects: dict[str, Any], blocks: Sequence[Sweep], categories: dict[str, Any], level: float) -> go.Figure:
     figure = go.Figure()
-    names = {"attn": "attention block", "mlp": "MLP"}
-    for block in blocks:
+    names = {sweep.name: sweep.title or sweep.name for sweep in blocks}
+    for block in names:
         mean = np.array(effects[block]["mean"], dtype=float)
         low = np.array(effects[block]["ci_low"], dtype=float)
         high = np.array(effects[block]["ci_high"], dtype=float)
@@ -181,6 +189,10 @@ def _facts(details: dict[str, Any], header: dict[str, Any]) -> list[tuple[str, o
         ("effect", "(patched - target) / (source - target) of the refusal score; 0: no change, 1: all the way to the source run"),
         ("intervals", f"{details['bootstrap']['level']:.0%} bootstrap over pairs, {details['bootstrap']['resamples']} resamples"),
     ]
+
+
+# Sweep.figure -> how one sweep's mean effects are drawn (the per-layer "blocks" share one chart).
+_FIGURES = {"layer_by_head": _layer_by_head, "layer_by_position": _layer_by_position, "head_by_position": _head_by_position}
 
 
 def _limit(values: np.ndarray) -> float:

@@ -18,6 +18,9 @@ class ArchitectureAdapter:
     """Names the modules of a Llama-like decoder; families that differ override a method."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    # True where a block's output passes through a norm (with its own weights) before it reaches the
+    # residual stream (Gemma 2 and 3): editing the projection's weights then does not set what is added.
+    writes_through_norm: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -62,6 +65,19 @@ class ArchitectureAdapter:
     def mlp_output(self, index: int) -> nn.Module:
         """The module whose output is what the MLP adds to the residual stream."""
         return self.layer(index).mlp
+
+    def mlp_down_proj(self, index: int) -> nn.Module:
+        """The MLP's last linear map, whose output is (or, through a norm, becomes) the MLP's contribution."""
+        return self.layer(index).mlp.down_proj
+
+    def residual_writers(self) -> dict[str, nn.Module]:
+        """Every weight that writes into the residual stream: the token embedding, each layer's attention
+        output projection and MLP down projection. Weight orthogonalisation edits exactly these."""
+        writers: dict[str, nn.Module] = {"embed": self.embed}
+        for index in range(self.n_layers):
+            writers[f"attn_out.{index}"] = self.head_output_proj(index)
+            writers[f"mlp_out.{index}"] = self.mlp_down_proj(index)
+        return writers
 
     # -- sizes -----------------------------------------------------------------------------
     @property
@@ -176,6 +192,7 @@ class ArchitectureAdapter:
             "n_kv_heads": self.n_kv_heads,
             "d_model": self.d_model,
             "d_head": self.d_head,
+            "writes_through_norm": self.writes_through_norm,
         }
 
 

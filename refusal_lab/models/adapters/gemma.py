@@ -24,6 +24,7 @@ class GemmaAdapter(ArchitectureAdapter):
 @register_adapter
 class Gemma2Adapter(ArchitectureAdapter):
     model_types = ("gemma2", "gemma3", "gemma3_text")
+    writes_through_norm = True
 
     def attn_output(self, index: int) -> nn.Module:
         return self.layer(index).post_attention_layernorm

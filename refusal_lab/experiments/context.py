@@ -1,0 +1,65 @@
+"""The experiment contract: an experiment gets an ``ExperimentContext`` and returns an ``ExperimentResult``.
+
+The context holds what every experiment needs and nothing it must build itself: the loaded model,
+the prompt set, the judge, the refusal tokens, the settings and a results path per stage. What
+earlier stages of the same process computed is in ``earlier`` (by experiment name), so a later
+stage reuses it instead of computing it again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from refusal_lab.experiments.result import ExperimentResult
+from refusal_lab.generation import Generation, generate_greedy
+from refusal_lab.metrics import refusal_score
+from refusal_lab.metrics.judges import Judge
+from refusal_lab.models import LoadedModel
+from refusal_lab.prompts import PromptRecord, PromptSet, format_chat
+
+
+@dataclass
+class ExperimentContext:
+    cfg: DictConfig
+    model: LoadedModel
+    prompts: PromptSet
+    judge: Judge
+    refusal_ids: list[int]
+    output_dir: Path
+    earlier: dict[str, ExperimentResult] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> DictConfig:
+        """``cfg.experiment``: this experiment's own settings."""
+        return self.cfg.experiment
+
+    @property
+    def system_prompt(self) -> str | None:
+        return self.cfg.model.get("system_prompt")
+
+    def path(self, stage: str, what: str) -> Path:
+        """``results/<stage>_<what>``, its folder made: where a stage writes a file of its own."""
+        folder = self.output_dir / "results"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{stage}_{what}"
+
+    def chat_texts(self, records: Sequence[PromptRecord]) -> list[str]:
+        return [format_chat(self.model.tokenizer, r.prompt, self.system_prompt) for r in records]
+
+    def generate(self, records: Sequence[PromptRecord], max_new_tokens: int, batch_size: int, description: str,
+                 hooks: Any = None) -> list[Generation]:
+        """Greedy completions, each with its refusal score as ``readout``; ``hooks`` (site -> function) apply throughout."""
+        return generate_greedy(
+            self.model,
+            self.chat_texts(records),
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            first_logits_readout=lambda logits: refusal_score(logits, self.refusal_ids),
+            description=description,
+            hooks=hooks,
+        )
