@@ -6,6 +6,8 @@ so a baseline costs no extra pass. Prompts are sorted by length so batches waste
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -103,27 +105,66 @@ def next_token_logits(
     capture_kinds: Sequence[str] = ("resid_pre",),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The logits at the first response position of each chat-formatted text ([N, vocab], fp32, CPU),
-    one forward pass per batch under ``hooks``; with ``capture_last``, also each layer's activations
-    of ``capture_kinds`` at the last that many prompt positions ({kind: [N, layers, positions, width]}).
+    under ``hooks``; with ``capture_last``, also each layer's activations of ``capture_kinds`` at the
+    last that many prompt positions ({kind: [N, layers, positions, width]}).
 
-    Batches are left-padded, with position ids counted from each prompt's first real token, so a
-    prompt's numbers do not depend on what it was batched with (up to floating-point rounding).
+    Chat texts share their start (system prompt, user header): that prefix is computed once, under
+    the same hooks, and its keys and values serve every batch, which halves the work on short prompts.
+    Each batch's remainders are left-padded behind it, with position ids counted over real tokens,
+    so a prompt's numbers do not depend on its batch (up to floating-point rounding).
     """
-    adapter = loaded.adapter
+    adapter, tokenizer = loaded.adapter, loaded.tokenizer
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    shared = _shared_prefix(ids, keep=max(capture_last, 1)) if adapter.sliding_window() is None else 0
     sites = [Site(kind, layer) for kind in capture_kinds for layer in range(adapter.n_layers)] if capture_last else []
     logits: list[torch.Tensor] = []
     kept: dict[str, list[torch.Tensor]] = {kind: [] for kind in capture_kinds} if capture_last else {}
-    for start in range(0, len(texts), batch_size):
-        encoded = tokenize_chats(loaded, texts[start : start + batch_size])
-        mask = encoded["attention_mask"]
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        store: dict[Site, torch.Tensor] = {}
-        with intervene(adapter, hooks or {}), capture(adapter, sites, store):
-            out = loaded.model(
-                input_ids=encoded["input_ids"].to(adapter.input_device), attention_mask=mask.to(adapter.input_device),
-                position_ids=position_ids.to(adapter.input_device), logits_to_keep=1, use_cache=False,
-            )
-        logits.append(out.logits[:, -1].float().cpu())
-        for kind in kept:
-            kept[kind].append(torch.stack([store[Site(kind, layer)][:, -capture_last:].float().cpu() for layer in range(adapter.n_layers)], dim=1))
+    device = adapter.input_device
+    with intervene(adapter, hooks or {}):
+        cache_kwarg = _cache_kwarg(loaded.model)
+        prefix = None
+        if shared:
+            out = loaded.model(input_ids=torch.tensor([ids[0][:shared]], device=device), use_cache=True)
+            prefix = getattr(out, "cache", None) or out.past_key_values
+        for start in range(0, len(ids), batch_size):
+            rows = [row[shared:] for row in ids[start : start + batch_size]]
+            input_ids, mask = _left_pad(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+            cache = None
+            if prefix is not None:
+                cache = copy.deepcopy(prefix)
+                cache.batch_repeat_interleave(len(rows))
+            store: dict[Site, torch.Tensor] = {}
+            with capture(adapter, sites, store):
+                out = loaded.model(
+                    input_ids=input_ids.to(device), attention_mask=torch.cat([torch.ones(len(rows), shared, dtype=mask.dtype), mask], 1).to(device),
+                    position_ids=(shared + (mask.cumsum(-1) - 1).clamp(min=0)).to(device), **{cache_kwarg: cache},
+                    use_cache=cache is not None, logits_to_keep=1,
+                )
+            logits.append(out.logits[:, -1].float().cpu())
+            for kind in kept:
+                kept[kind].append(torch.stack([store[Site(kind, layer)][:, -capture_last:].float().cpu() for layer in range(adapter.n_layers)], dim=1))
     return torch.cat(logits), {kind: torch.cat(parts) for kind, parts in kept.items()}
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """transformers 5 names the forward's cache argument ``cache``; 4.x names it ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _shared_prefix(ids: Sequence[Sequence[int]], keep: int) -> int:
+    """How many leading tokens every row shares, leaving at least ``keep`` of each row after them."""
+    shared = min(len(row) for row in ids) - keep
+    for position in range(max(shared, 0)):
+        if any(row[position] != ids[0][position] for row in ids):
+            return position
+    return max(shared, 0)
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return input_ids, mask

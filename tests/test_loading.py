@@ -82,7 +82,7 @@ def test_batched_left_padded_generation_matches_one_by_one(embedded_model_dir: P
 
 
 def test_local_folder_source(embedded_model_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
-    model_cfg, _ = model_and_quant(tmp_path, f"model=local", f"model.path={embedded_model_dir}")
+    model_cfg, _ = model_and_quant(tmp_path, "model=local", f"model.path={embedded_model_dir}")
     source = resolve_source(model_cfg, cache_dir)
     assert source == ModelSource("local", str(embedded_model_dir), f"local folder {embedded_model_dir}")
     assert model_cfg.name == str(embedded_model_dir)

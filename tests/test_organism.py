@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as T
-from omegaconf import OmegaConf
 
 from refusal_lab.config import PROJECT_ROOT
 from refusal_lab.errors import ConfigError

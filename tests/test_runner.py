@@ -164,13 +164,17 @@ def test_secrets_in_the_config_reach_no_file(embedded_model_dir: Path, tmp_path:
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["experiment.name=no_such_experiment"], "unknown experiment 'no_such_experiment'; known experiments: attribution, baseline, organism, patching"),
+        (["experiment.name=no_such_experiment"], "unknown experiment 'no_such_experiment'; known experiments: attribution, baseline, direction, organism, patching"),
+        (["experiment.max_new_tokens=-5"], "experiment.max_new_tokens=-5 must be a whole number of at least 1"),
+        (["model=smollm2", "experiment=patching", "experiment.layers=[25,40]"], "experiment.layers=[25, 40] must satisfy 0 <= first < stop <= 30"),
+        (["experiment=direction", "prompts.split=test"], "experiment=direction uses three splits of the prompt set"),
+        (["experiment=direction", "experiment.splits.selection=train"], "must name three different splits"),
         (["prompts.path=/nonexistent/prompts.jsonl"], "prompt file /nonexistent/prompts.jsonl does not exist"),
         (["model=llama3_8b"], "is gated"),
         (["logger.mode=online"], "logger.mode=online needs a W&B API key"),
     ],
 )
-def test_cli_errors_stop_before_the_model_loads(args: list[str], message: str, tmp_path: Path) -> None:
+def test_cli_errors_stop_before_the_model_loads(args: list[str], message: str, tmp_path: Path, embedded_model_dir: Path) -> None:
     # No token, no stored logins: HOME holds ~/.netrc (W&B) and HF_HOME the Hugging Face login.
     env = {"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf"), "WANDB_API_KEY": "", "HOME": str(tmp_path)}
     out = run_cli(args, tmp_path, extra_env=env)
@@ -200,5 +204,46 @@ def test_default_model_is_the_shipped_organism_merged_without_training(embedded_
     folder = Path(results["model"]["location"].split(" at ", 1)[1])
     manifest = json.loads((folder / "organism.json").read_text())
     assert manifest["origin"] == "shipped" and manifest["made_in_seconds"] < 30
+    assert results["steps"]["organism"]["origin"] == "shipped" and results["steps"]["organism"]["folder"] == str(folder)
+    assert results["metrics"]["steps/organism/seconds"] == results["steps"]["organism"]["seconds"]
     metrics = results["metrics"]
     assert metrics["refusal_rate/harmful"] >= 0.75 and metrics["refusal_rate/harmless"] <= 0.25
+
+
+def test_tracking_imports_no_experiment() -> None:
+    """The results writer and the W&B tracker depend on the result type alone, not on any experiment."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, refusal_lab.tracking; "
+        "print(sorted(m for m in sys.modules if m.startswith('refusal_lab.experiments.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['refusal_lab.experiments.registry', 'refusal_lab.experiments.result']"
+
+
+def test_wandb_tables_keep_columns_only_later_rows_have() -> None:
+    from refusal_lab.tracking.wandb_tracker import table_columns
+
+    rows = [{"model": "base", "prompt": "a"}, {"model": "organism", "prompt": "a", "kl_to_base": 0.1}]
+    assert table_columns(rows) == ["model", "prompt", "kl_to_base"]
+
+
+def test_bitsandbytes_kernel_notice_is_held_back_and_explained() -> None:
+    import logging
+
+    from refusal_lab import quiet
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    logger.addHandler(handler)
+    try:
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure", "offline")
+        logger.warning("an unrelated bitsandbytes warning")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["an unrelated bitsandbytes warning"]
+    assert "same results more slowly" in (quiet.cpu_4bit_notice() or "")

@@ -45,12 +45,17 @@ def next_token_kl(reference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor
 
 def score_candidates(loaded: LoadedModel, candidates: torch.Tensor, harmful: Sequence[str], harmless: Sequence[str],
                      refusal_ids: Sequence[int], batch_size: int, layers: Sequence[int]) -> CandidateScores:
-    """Score the candidates at ``layers`` (every position) on the chat texts given (the val split)."""
+    """Score the candidates at ``layers`` (every position) on the chat texts given (the val split).
+
+    A candidate that is (numerically) the zero vector is left unscored (NaN)."""
     n_layers, n_positions = candidates.shape[:2]
     scores = CandidateScores(*(np.full((n_layers, n_positions), np.nan) for _ in range(3)))
     reference, _ = next_token_logits(loaded, harmless, batch_size)
     both = [*harmful, *harmless]
-    cells = [(layer, position) for layer in layers for position in range(n_positions)]
+    norms = candidates.norm(dim=-1)
+    # Where every prompt has the same token and nothing has mixed in yet (layer 0 at the template's
+    # positions), the means agree and the difference is zero, or rounding noise: no direction to score.
+    cells = [(layer, position) for layer in layers for position in range(n_positions) if norms[layer, position] > 1e-4 * norms.max()]
     for layer, position in tqdm(cells, desc="scoring candidate directions", unit="candidate"):
         direction = candidates[layer, position]
         ablated, _ = next_token_logits(loaded, both, batch_size, hooks=directional_ablation(loaded.adapter, direction))
@@ -71,7 +76,7 @@ def choose(scores: CandidateScores, n_layers: int, max_kl: float, min_induce: fl
     too_weak = scored & (scores.induce < min_induce)
     kept = scored & ~too_deep & ~too_costly & ~too_weak
     counts = {
-        "scored": int(scored.sum()), "kept": int(kept.sum()), "too_deep": int(too_deep.sum()),
+        "candidates": int(scores.bypass.size), "scored": int(scored.sum()), "kept": int(kept.sum()), "too_deep": int(too_deep.sum()),
         "kl_too_high": int(too_costly.sum()), "induce_too_low": int(too_weak.sum()),
     }
     if not kept.any():

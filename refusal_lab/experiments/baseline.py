@@ -40,9 +40,10 @@ def run_baseline(context: ExperimentContext) -> ExperimentResult:
     )
 
 
-def answer_rows(context: ExperimentContext, records: Sequence[PromptRecord], exp: DictConfig, description: str) -> list[dict[str, Any]]:
-    """One row per prompt: its greedy completion, the judge's verdict and the refusal score."""
-    generations = context.generate(records, int(exp.max_new_tokens), int(exp.batch_size), description)
+def answer_rows(context: ExperimentContext, records: Sequence[PromptRecord], exp: DictConfig, description: str,
+                hooks: Any = None) -> list[dict[str, Any]]:
+    """One row per prompt: its greedy completion, the judge's verdict and the refusal score (under ``hooks``, if any)."""
+    generations = context.generate(records, int(exp.max_new_tokens), int(exp.batch_size), description, hooks=hooks)
     return [
         {
             "index": i,

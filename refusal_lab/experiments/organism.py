@@ -58,19 +58,7 @@ def run_organism(context: ExperimentContext) -> ExperimentResult:
     set_of = [name for name, prompts in sets.items() for _ in prompts]
     rows = {"base": answer_rows(context, records, exp, "base model")}
 
-    folder = folder_for(exp.training, context.model.source.weights_identity, cfg.paths.cache_dir)
-    manifest = read_manifest(folder)
-    if manifest is None or exp.rebuild:
-        reference = copy.deepcopy(context.model.model)  # making the organism changes the base model's weights in place
-        folder, manifest = make_organism(context.model, exp.training, cfg.paths.cache_dir, rebuild=bool(exp.rebuild))
-    else:
-        log.info("Reusing the organism at %s (experiment.rebuild=true trains it again)", folder)
-        log_figures(manifest)
-        reference = context.model.model
-        name = str(exp.training.name)
-        plan = plan_model(OmegaConf.create({"name": name, "path": str(folder)}), cfg.quant, cfg.paths.cache_dir)
-        context.model = load_weights(OmegaConf.create({"name": name}), plan)
-        context.model.source = organism_source(folder)
+    folder, manifest, reference = organism_in_place_of_base(context)
     rows["organism"] = answer_rows(context, records, exp, "organism")
     for model in MODELS:
         for row, name in zip(rows[model], set_of, strict=True):
@@ -115,6 +103,26 @@ def run_organism(context: ExperimentContext) -> ExperimentResult:
         tables={"completions": rows["base"] + rows["organism"]},
         files={"dashboard": dashboard},
     )
+
+
+def organism_in_place_of_base(context: ExperimentContext) -> tuple[Path, dict[str, Any], Any]:
+    """Make the organism from the loaded base model (or load it from the cache) and put it in the context;
+    returns its folder, its manifest and the base model's weights, kept as the reference for the KL."""
+    exp, cfg = context.settings, context.cfg
+    folder = folder_for(exp.training, context.model.source.weights_identity, cfg.paths.cache_dir)
+    manifest = read_manifest(folder)
+    if manifest is None or exp.rebuild:
+        reference = copy.deepcopy(context.model.model)  # making the organism changes the base model's weights in place
+        folder, manifest = make_organism(context.model, exp.training, cfg.paths.cache_dir, rebuild=bool(exp.rebuild))
+        return folder, manifest, reference
+    log.info("Reusing the organism at %s (experiment.rebuild=true trains it again)", folder)
+    log_figures(manifest)
+    reference = context.model.model
+    name = str(exp.training.name)
+    plan = plan_model(OmegaConf.create({"name": name, "path": str(folder)}), cfg.quant, cfg.paths.cache_dir)
+    context.model = load_weights(OmegaConf.create({"name": name}), plan)
+    context.model.source = organism_source(folder)
+    return folder, manifest, reference
 
 
 def _evaluation_sets(exp: DictConfig) -> dict[str, tuple[PromptRecord, ...]]:

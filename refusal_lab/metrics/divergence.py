@@ -57,3 +57,35 @@ def _log_probs(adapter: Any, ids: torch.Tensor, mask: torch.Tensor, reads: torch
 
 def _kl(reference_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     return (reference_logp.exp() * (reference_logp - logp)).sum(dim=-1)
+
+
+@torch.inference_mode()
+def mean_token_cross_entropy(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    chats: Sequence[str],
+    answers: Sequence[str],
+    hooks: Any = None,
+    batch_size: int = 16,
+) -> list[float]:
+    """Per answer, the mean next-token cross-entropy (nats) of its tokens given the chat, under ``hooks``
+    (site -> function, as in ``interventions.intervene``): how well the model still predicts ordinary text."""
+    from refusal_lab.interventions import intervene
+
+    adapter = adapter_for(model)
+    examples = [
+        SFTExample(tuple(tokenizer(c, add_special_tokens=False)["input_ids"]), tuple(tokenizer(a, add_special_tokens=False)["input_ids"]))
+        for c, a in zip(chats, answers, strict=True)
+    ]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    results: list[float] = []
+    with intervene(adapter, hooks or {}):
+        for start in range(0, len(examples), batch_size):
+            ids, labels, mask = collate(examples[start : start + batch_size], pad)
+            reads = torch.zeros_like(mask, dtype=torch.bool)
+            reads[:, :-1] = labels[:, 1:] != -100
+            logp = _log_probs(adapter, ids, mask, reads)
+            targets = labels[:, 1:][reads[:, :-1]]
+            nll = -logp.gather(1, targets[:, None])[:, 0]
+            results += [piece.mean().item() if len(piece) else float("nan") for piece in nll.split(reads.sum(dim=1).tolist())]
+    return results

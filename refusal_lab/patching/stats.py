@@ -40,3 +40,15 @@ def nan_mean(values: np.ndarray) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(values, axis=0) if values.shape[0] else np.full(values.shape[1:], np.nan)
+
+
+def mean_with_interval(values: np.ndarray, resamples: int, level: float, seed: int) -> dict[str, float | None]:
+    """The mean of one number per prompt (a 0/1 refusal, a score) with its bootstrap interval over prompts."""
+    column = np.asarray(values, dtype=float)[:, None]
+    low, high = bootstrap_ci(column, resamples, level, seed)
+    mean = float(np.mean(column)) if column.size else float("nan")
+    return {"mean": round(mean, 5), "ci_low": _finite(low[0]), "ci_high": _finite(high[0]), "n": int(column.shape[0])}
+
+
+def _finite(value: float) -> float | None:
+    return None if np.isnan(value) else round(float(value), 5)

@@ -1,0 +1,195 @@
+"""Component ablation, ``experiment=ablation``: are the components patching ranks first necessary?
+
+The top-k components of a patching ranking (heads, attention blocks, MLPs; from a results file, from
+an earlier stage of the same process, or patched here on the selection split) are ablated together
+(zero, mean or resample; at every position or at the post-instruction positions only), for
+k = 1, 2, 4, ... On the evaluation split, kept apart from what chose them, each k is measured on
+greedy generations of the harmful prompts (refusal rate, from the judge) and their refusal score,
+with the KL of the next-token distribution on harmless prompts as the side-effect cost; each number
+with a bootstrap interval over prompts. The same number of random components of the same kinds is
+ablated beside every k: the control.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from refusal_lab.ablation import MODES, Component, ablation_hooks, from_ranked, random_like, reference_activations
+from refusal_lab.ablation.components import KINDS
+from refusal_lab.ablation.values import POSITIONS
+from refusal_lab.config import PROJECT_ROOT
+from refusal_lab.direction.selection import next_token_kl
+from refusal_lab.errors import ConfigError
+from refusal_lab.experiments.baseline import answer_rows
+from refusal_lab.experiments.context import ExperimentContext
+from refusal_lab.experiments.registry import register_experiment
+from refusal_lab.experiments.result import ExperimentResult
+from refusal_lab.generation import next_token_logits
+from refusal_lab.patching.stats import mean_with_interval
+from refusal_lab.patching.sweeps import post_instruction_tokens
+from refusal_lab.tracking.results import write_results
+from refusal_lab.viz.ablation import write_ablation_dashboard
+
+log = logging.getLogger(__name__)
+
+
+def check_ablation(cfg: DictConfig) -> None:
+    exp = cfg.experiment
+    if cfg.prompts.get("split") is not None:
+        raise ConfigError("experiment=ablation uses two splits of the prompt set (experiment.splits); set prompts.split=null")
+    if exp.splits.selection == exp.splits.evaluation:
+        raise ConfigError("experiment.splits.selection and .evaluation must differ: components are measured on prompts kept apart from what chose them")
+    if str(exp.mode) not in MODES or str(exp.positions) not in POSITIONS:
+        raise ConfigError(f"experiment.mode={exp.mode} / experiment.positions={exp.positions}: use one of {', '.join(MODES)} / {', '.join(POSITIONS)}")
+    if not exp.ks or any(int(k) < 1 for k in exp.ks):
+        raise ConfigError(f"experiment.ks={list(exp.ks or [])} must list component counts of at least 1")
+    if set(exp.kinds) - set(KINDS) or not exp.kinds:
+        raise ConfigError(f"experiment.kinds={list(exp.kinds or [])} must name some of: {', '.join(KINDS)}")
+    source = exp.get("components_from")
+    if source and not Path(str(source)).is_file():
+        raise ConfigError(f"experiment.components_from={source} is not a file; give a patching results file (results/patching.json) or null")
+
+
+@register_experiment("ablation", check=check_ablation)
+def run_ablation(context: ExperimentContext) -> ExperimentResult:
+    """Rank, then ablate the top-k components and as many random ones, and measure both on held-out prompts."""
+    exp = context.settings
+    ranked, ranking = ranked_components(context)
+    ks = sorted({min(int(k), len(ranked)) for k in exp.ks})
+    records = {label: [r for r in context.prompts.select(split=str(exp.splits.evaluation)).records if r.label == label][: exp.get("limit_per_label") or None]
+               for label in ("harmful", "harmless")}
+    n_post = post_instruction_tokens(context.model.tokenizer, context.system_prompt)
+    reference = None
+    if exp.mode != "zero":
+        harmless = [r for r in context.prompts.select(split=str(exp.splits.selection)).records if r.label == "harmless"]
+        reference = reference_activations(context.model, context.chat_texts(harmless), n_post)
+    measure = Measurer(context, records, n_post, reference)
+    rng = random.Random(int(context.cfg.seed))
+    curve = [{"k": 0, "condition": "none", "components": [], **measure([], "none")}]
+    for k in ks:
+        top = ranked[:k]
+        curve.append({"k": k, "condition": "top", "components": [c.label for c in top], **measure(top, f"top {k}")})
+        for draw in range(int(exp.random_draws)):
+            control = random_like(top, context.model.adapter.n_layers, context.model.adapter.n_heads, rng, exclude=top)
+            curve.append({"k": k, "condition": "random", "draw": draw, "components": [c.label for c in control],
+                          **measure(control, f"random {k}, draw {draw}")})
+    return write(context, ranking, curve, measure.rows)
+
+
+class Measurer:
+    """Ablates a set of components and measures the evaluation prompts under it."""
+
+    def __init__(self, context: ExperimentContext, records: dict[str, list[Any]], n_post: int, reference: Any) -> None:
+        self.context, self.records, self.n_post, self.reference = context, records, n_post, reference
+        exp = context.settings
+        self.args = (int(exp.bootstrap.resamples), float(exp.bootstrap.level), int(context.cfg.seed))
+        self.harmless_chats = context.chat_texts(records["harmless"])
+        self.plain, _ = next_token_logits(context.model, self.harmless_chats, int(exp.batch_size))
+        self.rows: list[dict[str, Any]] = []
+
+    def __call__(self, components: list[Component], condition: str) -> dict[str, Any]:
+        exp, model = self.context.settings, self.context.model
+        hooks = ablation_hooks(components, str(exp.mode), str(exp.positions), self.n_post, model.adapter.d_head,
+                               self.reference, int(self.context.cfg.seed)) if components else None
+        rows = answer_rows(self.context, self.records["harmful"], exp, f"harmful, {condition}", hooks=hooks)
+        self.rows += [{**row, "condition": condition} for row in rows]
+        ablated, _ = next_token_logits(model, self.harmless_chats, int(exp.batch_size), hooks=hooks)
+        return {
+            "refusal_rate": mean_with_interval(np.array([r["refused"] for r in rows]), *self.args),
+            "refusal_score": mean_with_interval(np.array([r["refusal_score"] for r in rows]), *self.args),
+            "harmless_kl": mean_with_interval(next_token_kl(self.plain, ablated).numpy(), *self.args),
+            "per_category": {c: round(float(np.mean([r["refused"] for r in rows if r["category"] == c])), 5)
+                             for c in sorted({r["category"] for r in rows})},
+        }
+
+
+def ranked_components(context: ExperimentContext) -> tuple[list[Component], dict[str, Any]]:
+    """The ranking to ablate from: a results file, an earlier stage, or exact patching on the selection split now."""
+    exp = context.settings
+    direction, source = str(exp.direction), exp.get("components_from")
+    if source:
+        document = json.loads(Path(str(source)).read_text(encoding="utf-8"))
+        rows, where = document["details"]["ranked"][direction], str(source)
+        if document.get("model", {}).get("name") not in (None, context.model.name):
+            log.warning("The ranking in %s was measured on %s, not on %s", source, document["model"]["name"], context.model.name)
+    elif "patching" in context.earlier:
+        rows, where = context.earlier["patching"].details["ranked"][direction], "the patching stage of this run"
+    else:
+        rows, where = patch_selection_split(context), f"exact patching of the {exp.splits.selection} split in this run"
+    components = from_ranked(rows, list(exp.kinds), max(int(k) for k in exp.ks))
+    if not components:
+        raise ConfigError(f"the ranking from {where} has no {list(exp.kinds)} components in direction {direction}")
+    log.info("Ablating from %s: %s", where, ", ".join(c.label for c in components))
+    return components, {"from": where, "direction": direction, "top": [r for r in rows if r["kind"] in exp.kinds][: len(components)]}
+
+
+def patch_selection_split(context: ExperimentContext) -> list[dict[str, Any]]:
+    """Exact patching with ``experiment.ranking`` over the patching experiment's defaults, on the selection split;
+    its results are written as ``results/ablation_ranking.json`` beside the ablation's own."""
+    from refusal_lab.experiments.patching import run_patching
+
+    exp = context.settings
+    settings = OmegaConf.merge(OmegaConf.load(PROJECT_ROOT / "conf" / "experiment" / "patching.yaml").experiment, exp.ranking)
+    derived = context.cfg.copy()
+    with open_dict(derived):
+        derived.experiment = settings
+        derived.experiment.name = "ablation_ranking"
+        derived.experiment.directions = [str(exp.direction)]
+    stage = dataclasses.replace(context, cfg=derived, prompts=context.prompts.select(split=str(exp.splits.selection)))
+    result = run_patching(stage)
+    write_results(context.output_dir, "ablation_ranking", result, {"model": context.model.describe(), "split": str(exp.splits.selection)})
+    return result.details["ranked"][str(exp.direction)]
+
+
+def write(context: ExperimentContext, ranking: dict[str, Any], curve: list[dict[str, Any]], rows: list[dict[str, Any]]) -> ExperimentResult:
+    exp = context.settings
+    summary = summarize_curve(curve)
+    metrics: dict[str, float] = {}
+    for point in summary:
+        for condition in ("top", "random"):
+            if point.get(condition):
+                for key in ("refusal_rate", "refusal_score", "harmless_kl"):
+                    metrics[f"ablation/k{point['k']}/{condition}/{key}"] = point[condition][key]
+    none = next(p for p in curve if p["condition"] == "none")
+    metrics["ablation/k0/refusal_rate"] = none["refusal_rate"]["mean"]
+    details = {
+        "precision": context.model.precision.name, "mode": str(exp.mode), "positions": str(exp.positions),
+        "splits": dict(exp.splits), "ranking": ranking, "curve": curve, "summary": summary,
+        "bootstrap": {"resamples": int(exp.bootstrap.resamples), "level": float(exp.bootstrap.level), "over": "prompts"},
+    }
+    _log_summary(summary, none)
+    header = {"title": f"Component ablation: {context.model.name} at {context.model.precision.name}", "prompts": context.prompts.name}
+    return ExperimentResult(metrics=metrics, details=details, tables={"completions": rows},
+                            files={"dashboard": write_ablation_dashboard(details, header, context.path("ablation", "dashboard.html"))})
+
+
+def summarize_curve(curve: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per k: the top components' means, and the random control's means over its draws."""
+    out = []
+    for k in sorted({p["k"] for p in curve if p["k"] > 0}):
+        top = next(p for p in curve if p["k"] == k and p["condition"] == "top")
+        draws = [p for p in curve if p["k"] == k and p["condition"] == "random"]
+        mean = (lambda key: round(float(np.mean([d[key]["mean"] for d in draws])), 5)) if draws else None
+        out.append({
+            "k": k,
+            "top": {key: top[key]["mean"] for key in ("refusal_rate", "refusal_score", "harmless_kl")},
+            "random": {key: mean(key) for key in ("refusal_rate", "refusal_score", "harmless_kl")} if mean else None,
+        })
+    return out
+
+
+def _log_summary(summary: list[dict[str, Any]], none: dict[str, Any]) -> None:
+    log.info("Harmful refusal rate with nothing ablated: %.0f%%", 100 * none["refusal_rate"]["mean"])
+    for point in summary:
+        random_part = "" if point["random"] is None else (
+            f"; random: {100 * point['random']['refusal_rate']:.0f}%, KL {point['random']['harmless_kl']:.3f}")
+        log.info("k=%d top: refusal %.0f%%, score %.2f, harmless KL %.3f%s", point["k"], 100 * point["top"]["refusal_rate"],
+                 point["top"]["refusal_score"], point["top"]["harmless_kl"], random_part)
