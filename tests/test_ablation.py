@@ -64,8 +64,8 @@ def test_ablation_experiment_ranks_ablates_and_controls(embedded_model_dir: Path
     from refusal_lab.runner import run
 
     overrides = [
-        "experiment=ablation", "logger=none", "experiment.limit_per_label=4", "experiment.ks=[1,2]", "experiment.random_draws=1",
-        "experiment.max_new_tokens=8", "experiment.ranking.max_pairs=2", "experiment.ranking.sweeps=[attn,mlp]",
+        "experiment=ablation", "logger=none", "experiment.limit_per_label=3", "experiment.ks=[1,2]", "experiment.random_draws=1",
+        "experiment.max_new_tokens=4", "experiment.ranking.max_pairs=1", "experiment.ranking.sweeps=[mlp]",
         "experiment.ranking.min_gap=0.1", "experiment.bootstrap.resamples=50", "experiment.positions=post_instruction",
     ]
     document = run(compose_config(overrides, tmp_path / "first"))
@@ -75,13 +75,14 @@ def test_ablation_experiment_ranks_ablates_and_controls(embedded_model_dir: Path
     assert [(p["k"], p["condition"]) for p in details["curve"]] == [(0, "none"), (1, "top"), (1, "random"), (2, "top"), (2, "random")]
     top2 = details["curve"][3]
     assert top2["components"] == [r["component"] for r in details["ranking"]["top"][:2]]
-    assert all(point["refusal_rate"]["n"] == 4 for point in details["curve"])
+    assert not set(top2["components"]) & set(details["curve"][4]["components"]), "the control avoids the top components"
+    assert all(point["refusal_rate"]["n"] == 3 for point in details["curve"])
     assert results["metrics"]["ablation/k2/top/refusal_rate"] == top2["refusal_rate"]["mean"]
     ranking_file = tmp_path / "first" / "results" / "ablation_ranking.json"
     assert ranking_file.is_file() and (tmp_path / "first" / "results" / "ablation_dashboard.html").is_file()
     rows = (tmp_path / "first" / "results" / "ablation_completions.jsonl").read_text().splitlines()
-    assert len(rows) == 5 * 4
+    assert len(rows) == 5 * 3
 
-    again = run(compose_config([*overrides, f"experiment.components_from={ranking_file}", "experiment.ks=[1]", "experiment.mode=zero"], tmp_path / "second"))
+    again = run(compose_config([*overrides, f"experiment.components_from={ranking_file}", "experiment.ks=[1]", "experiment.random_draws=0", "experiment.mode=zero"], tmp_path / "second"))
     second = json.loads(Path(again["results_path"]).read_text())["details"]
     assert second["ranking"]["from"] == str(ranking_file) and second["curve"][1]["components"] == top2["components"][:1]
