@@ -227,8 +227,8 @@ def export(context: ExperimentContext, chosen: Chosen, records: list[PromptRecor
     }
     report["folder"] = str(folder)
     report["load_with"] = f"python -m refusal_lab model=local model.path={folder}"
-    log.info("Exported the orthogonalised model to %s (%s; largest logit difference from hook ablation %.2e)",
-             folder, "exact" if report["exact"] else "approximate", report["check"]["max_abs_logit_diff"])
+    log.info("Exported the orthogonalised model to %s (%s edit; largest logit difference from %s: %.2e)",
+             folder, "exact" if report["exact"] else "approximate", report["check"]["against"], report["check"]["max_abs_logit_diff"])
     return report
 
 
