@@ -164,7 +164,7 @@ def test_secrets_in_the_config_reach_no_file(embedded_model_dir: Path, tmp_path:
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["experiment.name=no_such_experiment"], "unknown experiment 'no_such_experiment'; known experiments: attribution, baseline, direction, organism, patching"),
+        (["experiment.name=no_such_experiment"], "unknown experiment 'no_such_experiment'; known experiments: ablation, attribution, baseline, direction, organism, patching"),
         (["experiment.max_new_tokens=-5"], "experiment.max_new_tokens=-5 must be a whole number of at least 1"),
         (["model=smollm2", "experiment=patching", "experiment.layers=[25,40]"], "experiment.layers=[25, 40] must satisfy 0 <= first < stop <= 30"),
         (["experiment=direction", "prompts.split=test"], "experiment=direction uses three splits of the prompt set"),
@@ -194,7 +194,13 @@ def test_cli_unknown_group_option(tmp_path: Path) -> None:
 def test_default_model_is_the_shipped_organism_merged_without_training(embedded_model_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
     """A user's first run: the organism is not cached, so the shipped adapter is merged in (seconds), nothing trains,
     the organism's figures are printed, and the shipped organism refuses clearly harmful requests and answers harmless ones."""
-    out = run_cli(["debug=default", "prompts.split=test", "prompts.limit=10", "experiment.max_new_tokens=24"], tmp_path)
+    # Its own cache, holding only the de-quantized base model: other tests may have merged the organism already.
+    fresh = tmp_path / "cache"
+    base = fresh / embedded_model_dir.relative_to(cache_dir)
+    base.parent.mkdir(parents=True)
+    base.symlink_to(embedded_model_dir, target_is_directory=True)
+    out = run_cli(["debug=default", "prompts.split=test", "prompts.limit=10", "experiment.max_new_tokens=24"], tmp_path,
+                  extra_env={"REFUSAL_LAB_CACHE": str(fresh)})
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]
     assert "Merging the shipped organism adapter" in log and "training LoRA" not in log and "base answers" not in log
