@@ -7,7 +7,6 @@ so a baseline costs no extra pass. Prompts are sorted by length so batches waste
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 
 from refusal_lab.interventions import Site, SiteFn, capture, intervene
 from refusal_lab.models import LoadedModel
+from refusal_lab.models.adapters.base import cache_argument
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def next_token_logits(
     kept: dict[str, list[torch.Tensor]] = {kind: [] for kind in capture_kinds} if capture_last else {}
     device = adapter.input_device
     with intervene(adapter, hooks or {}):
-        cache_kwarg = _cache_kwarg(loaded.model)
+        cache_kwarg = cache_argument(loaded.model)
         prefix = None
         if shared:
             out = loaded.model(input_ids=torch.tensor([ids[0][:shared]], device=device), use_cache=True)
@@ -144,11 +144,6 @@ def next_token_logits(
             for kind in kept:
                 kept[kind].append(torch.stack([store[Site(kind, layer)][:, -capture_last:].float().cpu() for layer in range(adapter.n_layers)], dim=1))
     return torch.cat(logits), {kind: torch.cat(parts) for kind, parts in kept.items()}
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    """transformers 5 names the forward's cache argument ``cache``; 4.x names it ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _shared_prefix(ids: Sequence[Sequence[int]], keep: int) -> int:

@@ -29,7 +29,7 @@ POSITIONS = ("all", "post_instruction")
 
 
 @torch.inference_mode()
-def reference_activations(loaded: LoadedModel, texts: Sequence[str], n_post: int) -> dict[Site, list[torch.Tensor]]:
+def reference_activations(loaded: LoadedModel, texts: Sequence[str]) -> dict[Site, list[torch.Tensor]]:
     """Per site (every layer's attention, MLP and head outputs), each reference prompt's activations
     [positions, width], one prompt at a time (no padding to mask)."""
     adapter = loaded.adapter

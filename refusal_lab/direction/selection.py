@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from refusal_lab.generation import next_token_logits
 from refusal_lab.interventions.operations import activation_addition, directional_ablation
+from refusal_lab.metrics.divergence import next_token_kl
 from refusal_lab.metrics.refusal_score import refusal_score
 from refusal_lab.models import LoadedModel
 
@@ -34,13 +35,6 @@ class CandidateScores:
 
     def as_json(self) -> dict[str, Any]:
         return {name: _json(getattr(self, name)) for name in ("bypass", "induce", "kl")}
-
-
-def next_token_kl(reference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(reference || logits) of the next-token distributions, per row, in nats."""
-    p = torch.log_softmax(reference.float(), dim=-1)
-    q = torch.log_softmax(logits.float(), dim=-1)
-    return (p.exp() * (p - q)).sum(dim=-1)
 
 
 def score_candidates(loaded: LoadedModel, candidates: torch.Tensor, harmful: Sequence[str], harmless: Sequence[str],

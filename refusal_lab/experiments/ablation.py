@@ -26,7 +26,7 @@ from refusal_lab.ablation import MODES, Component, ablation_hooks, from_ranked, 
 from refusal_lab.ablation.components import KINDS
 from refusal_lab.ablation.values import POSITIONS
 from refusal_lab.config import PROJECT_ROOT
-from refusal_lab.direction.selection import next_token_kl
+from refusal_lab.metrics.divergence import next_token_kl
 from refusal_lab.errors import ConfigError
 from refusal_lab.experiments.baseline import answer_rows
 from refusal_lab.experiments.context import ExperimentContext
@@ -70,7 +70,7 @@ def run_ablation(context: ExperimentContext) -> ExperimentResult:
     reference = None
     if exp.mode != "zero":
         harmless = [r for r in context.prompts.select(split=str(exp.splits.selection)).records if r.label == "harmless"]
-        reference = reference_activations(context.model, context.chat_texts(harmless), n_post)
+        reference = reference_activations(context.model, context.chat_texts(harmless))
     measure = Measurer(context, records, n_post, reference)
     rng = random.Random(int(context.cfg.seed))
     curve = [{"k": 0, "condition": "none", "components": [], **measure([], "none")}]

@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from refusal_lab.direction import choose, mean_difference, save_orthogonalised, score_candidates
-from refusal_lab.direction.selection import CandidateScores, next_token_kl
+from refusal_lab.direction.selection import CandidateScores
+from refusal_lab.metrics.divergence import next_token_kl
 from refusal_lab.errors import ConfigError
 from refusal_lab.experiments.baseline import answer_rows
 from refusal_lab.experiments.context import ExperimentContext

@@ -33,26 +33,40 @@ def mean_token_kl(
     """
     if len(chats) != len(answers):
         raise ValueError(f"{len(chats)} chats but {len(answers)} answers")
-    examples = [
-        SFTExample(tuple(tokenizer(c, add_special_tokens=False)["input_ids"]), tuple(tokenizer(a, add_special_tokens=False)["input_ids"]))
-        for c, a in zip(chats, answers, strict=True)
-    ]
     reference_adapter, model_adapter = adapter_for(reference), adapter_for(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     results: list[float] = []
-    for start in tqdm(range(0, len(examples), batch_size), desc="KL to the base model", unit="batch"):
-        ids, labels, mask = collate(examples[start : start + batch_size], pad)
-        # Only the positions that predict an answer token are unembedded (the vocabulary is large).
-        reads = torch.zeros_like(mask, dtype=torch.bool)
-        reads[:, :-1] = labels[:, 1:] != -100
+    for ids, labels, mask, reads in tqdm(_answer_batches(tokenizer, chats, answers, batch_size), desc="KL to the base model", unit="batch"):
         kl = _kl(_log_probs(reference_adapter, ids, mask, reads), _log_probs(model_adapter, ids, mask, reads))
         results += [piece.mean().item() if len(piece) else float("nan") for piece in kl.split(reads.sum(dim=1).tolist())]
     return results
 
 
+def _answer_batches(tokenizer: PreTrainedTokenizerBase, chats: Sequence[str], answers: Sequence[str],
+                    batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Right-padded (ids, labels, mask, reads) batches of chat + answer; ``reads`` marks the positions that
+    predict an answer token, the only ones unembedded (the vocabulary is large)."""
+    examples = [
+        SFTExample(tuple(tokenizer(c, add_special_tokens=False)["input_ids"]), tuple(tokenizer(a, add_special_tokens=False)["input_ids"]))
+        for c, a in zip(chats, answers, strict=True)
+    ]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for start in range(0, len(examples), batch_size):
+        ids, labels, mask = collate(examples[start : start + batch_size], pad)
+        reads = torch.zeros_like(mask, dtype=torch.bool)
+        reads[:, :-1] = labels[:, 1:] != -100
+        batches.append((ids, labels, mask, reads))
+    return batches
+
+
 def _log_probs(adapter: Any, ids: torch.Tensor, mask: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
     hidden = adapter.decoder(input_ids=ids.to(adapter.input_device), attention_mask=mask.to(adapter.input_device)).last_hidden_state
     return torch.log_softmax(adapter.logits_from_hidden(hidden[reads.to(hidden.device)]).float(), dim=-1).cpu()
+
+
+def next_token_kl(reference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(reference || logits) of the next-token distributions given as logits, per row, in nats."""
+    return _kl(torch.log_softmax(reference.float(), dim=-1), torch.log_softmax(logits.float(), dim=-1))
 
 
 def _kl(reference_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -73,17 +87,9 @@ def mean_token_cross_entropy(
     from refusal_lab.interventions import intervene
 
     adapter = adapter_for(model)
-    examples = [
-        SFTExample(tuple(tokenizer(c, add_special_tokens=False)["input_ids"]), tuple(tokenizer(a, add_special_tokens=False)["input_ids"]))
-        for c, a in zip(chats, answers, strict=True)
-    ]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     results: list[float] = []
     with intervene(adapter, hooks or {}):
-        for start in range(0, len(examples), batch_size):
-            ids, labels, mask = collate(examples[start : start + batch_size], pad)
-            reads = torch.zeros_like(mask, dtype=torch.bool)
-            reads[:, :-1] = labels[:, 1:] != -100
+        for ids, labels, mask, reads in _answer_batches(tokenizer, chats, answers, batch_size):
             logp = _log_probs(adapter, ids, mask, reads)
             targets = labels[:, 1:][reads[:, :-1]]
             nll = -logp.gather(1, targets[:, None])[:, 0]

@@ -134,7 +134,7 @@ class ArchitectureAdapter:
             attention_mask=attention_mask,
             position_ids=position_ids,
             position_embeddings=position_embeddings,
-            **{_cache_kwarg(layer): cache},
+            **{cache_argument(layer): cache},
         )
         return out[0] if isinstance(out, tuple) else out
 
@@ -196,9 +196,9 @@ class ArchitectureAdapter:
         }
 
 
-def _cache_kwarg(layer: nn.Module) -> str:
-    """transformers 5 names a layer's cache argument ``cache``; 4.x names it ``past_key_values``."""
-    parameters = inspect.signature(layer.forward).parameters
+def cache_argument(module: nn.Module) -> str:
+    """transformers 5 names a layer's or model's cache argument ``cache``; 4.x names it ``past_key_values``."""
+    parameters = inspect.signature(module.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
 
