@@ -145,7 +145,13 @@ def test_direction_experiment_finds_ablates_adds_and_exports(embedded_model_dir:
     assert all(v["refusal_rate"]["n"] == 4 for v in refusal.values())
     rows = [json.loads(line) for line in (tmp_path / "results" / "direction_completions.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and {r["condition"] for r in rows} == {"none", "ablation", "addition"}
-    assert details["outcome"]["cost"]["kl"]["mean"] >= 0
+    cost = details["outcome"]["cost"]
+    assert cost["kl"]["mean"] >= 0
+    kls = [r["kl_under_ablation"] for r in rows if r["label"] == "harmless" and r["condition"] == "none"]
+    assert len(kls) == 4 and abs(sum(kls) / 4 - cost["kl"]["mean"]) < 1e-4
+    split = cost["kl_by_unablated_decision"]
+    assert split["answered"]["n"] + split["refused"]["n"] == 4
+    assert abs(sum(v["mean"] * v["n"] for v in split.values() if v["n"]) / 4 - cost["kl"]["mean"]) < 1e-4
     assert (tmp_path / "results" / "direction_dashboard.html").stat().st_size > 100_000
 
     export = details["export"]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from refusal_lab.experiments.result import to_json
 from refusal_lab.generation import next_token_logits
 from refusal_lab.interventions.operations import activation_addition, directional_ablation
 from refusal_lab.metrics.divergence import next_token_kl
@@ -34,7 +35,7 @@ class CandidateScores:
     kl: np.ndarray
 
     def as_json(self) -> dict[str, Any]:
-        return {name: _json(getattr(self, name)) for name in ("bypass", "induce", "kl")}
+        return {name: to_json(getattr(self, name)) for name in ("bypass", "induce", "kl")}
 
 
 def score_candidates(loaded: LoadedModel, candidates: torch.Tensor, harmful: Sequence[str], harmless: Sequence[str],
@@ -78,7 +79,3 @@ def choose(scores: CandidateScores, n_layers: int, max_kl: float, min_induce: fl
     masked = np.where(kept, scores.bypass, np.inf)
     layer, position = np.unravel_index(int(np.argmin(masked)), masked.shape)
     return (int(layer), int(position)), counts
-
-
-def _json(array: np.ndarray) -> list[Any]:
-    return [[None if np.isnan(v) else round(float(v), 5) for v in row] for row in array]

@@ -26,7 +26,6 @@ from safetensors.torch import load_file, save_file
 
 from refusal_lab.direction import choose, mean_difference, save_orthogonalised, score_candidates
 from refusal_lab.direction.selection import CandidateScores
-from refusal_lab.metrics.divergence import next_token_kl
 from refusal_lab.errors import ConfigError
 from refusal_lab.experiments.baseline import answer_rows
 from refusal_lab.experiments.context import ExperimentContext
@@ -34,9 +33,10 @@ from refusal_lab.experiments.registry import register_experiment
 from refusal_lab.experiments.result import ExperimentResult
 from refusal_lab.generation import next_token_logits
 from refusal_lab.interventions.operations import activation_addition, directional_ablation
-from refusal_lab.metrics.divergence import mean_token_cross_entropy
+from refusal_lab.metrics.divergence import mean_token_cross_entropy, next_token_kl
 from refusal_lab.models import load_weights, plan_model
 from refusal_lab.models.adapters import adapter_for
+from refusal_lab.models.precision import FP32
 from refusal_lab.patching.stats import mean_with_interval
 from refusal_lab.patching.sweeps import post_instruction_tokens
 from refusal_lab.prompts import PromptRecord
@@ -157,7 +157,7 @@ def intervene_on_test(context: ExperimentContext, chosen: Chosen, records: list[
     before = [r for r in rows if r["label"] == "harmless" and r["condition"] == "none"]
     outcome = {
         "refusal": rates(rows, exp.bootstrap, int(context.cfg.seed)),
-        "cost": harmless_cost(context, harmless, [r["completion"] for r in before], ablation),
+        "cost": harmless_cost(context, harmless, before, ablation),
     }
     return outcome, rows
 
@@ -178,27 +178,34 @@ def rates(rows: list[dict[str, Any]], bootstrap: DictConfig, seed: int) -> dict[
     return out
 
 
-def harmless_cost(context: ExperimentContext, harmless: list[PromptRecord], answers: list[str], ablation: Any) -> dict[str, Any]:
+def harmless_cost(context: ExperimentContext, harmless: list[PromptRecord], before: list[dict[str, Any]], ablation: Any) -> dict[str, Any]:
     """What ablation costs on harmless prompts: next-token KL at the first response position, and the
-    cross-entropy of the model's own (unablated) answers with and without the ablation."""
+    cross-entropy of the model's own (unablated) answers with and without the ablation.
+
+    The KL is also split by what the unablated model did: where it refused a harmless prompt, removing the
+    refusal is the intended effect and moves the distribution a lot; the prompts it answered show the side
+    effect alone. Each harmless row of ``before`` gets its prompt's KL (``kl_under_ablation``)."""
     exp, chats = context.settings, context.chat_texts(harmless)
     reference, _ = next_token_logits(context.model, chats, int(exp.batch_size))
     ablated, _ = next_token_logits(context.model, chats, int(exp.batch_size), hooks=ablation)
     kl = next_token_kl(reference, ablated).numpy()
+    for row, value in zip(before, kl, strict=True):
+        row["kl_under_ablation"] = round(float(value), 5)
+    answers = [r["completion"] for r in before]
     plain = np.array(mean_token_cross_entropy(context.model.model, context.model.tokenizer, chats, answers))
     under = np.array(mean_token_cross_entropy(context.model.model, context.model.tokenizer, chats, answers, hooks=ablation))
     answered = ~np.isnan(plain)  # an empty answer has no tokens to predict
     plain, under = plain[answered], under[answered]
     args = (int(exp.bootstrap.resamples), float(exp.bootstrap.level), int(context.cfg.seed))
+    refused = np.array([bool(r["refused"]) for r in before])
     return {
         "kl": mean_with_interval(kl, *args),
+        "kl_median": round(float(np.median(kl)), 5),
+        "kl_by_unablated_decision": {"answered": mean_with_interval(kl[~refused], *args), "refused": mean_with_interval(kl[refused], *args)},
         "cross_entropy": {"before": mean_with_interval(plain, *args), "ablated": mean_with_interval(under, *args),
                           "change": mean_with_interval(under - plain, *args)},
         "text": "the model's own greedy answers to the harmless test prompts, teacher-forced",
     }
-
-
-FP32 = {"name": "fp32", "dtype": "float32", "bits": None}
 
 
 def export(context: ExperimentContext, chosen: Chosen, records: list[PromptRecord]) -> dict[str, Any]:
@@ -263,6 +270,10 @@ def direction_metrics(selection: dict[str, Any], outcome: dict[str, Any], export
         metrics[f"direction/{key}/refusal_score"] = values["refusal_score"]["mean"]
     cost = outcome["cost"]
     metrics["direction/harmless/ablation/kl"] = cost["kl"]["mean"]
+    metrics["direction/harmless/ablation/kl_median"] = cost["kl_median"]
+    for decision, values in cost["kl_by_unablated_decision"].items():
+        if values["n"]:
+            metrics[f"direction/harmless/ablation/kl_where_{decision}"] = values["mean"]
     metrics["direction/harmless/ablation/cross_entropy_change"] = cost["cross_entropy"]["change"]["mean"]
     if exported:
         metrics["direction/export/max_abs_logit_diff"] = exported["check"]["max_abs_logit_diff"]
@@ -282,5 +293,7 @@ def _log_summary(selection: dict[str, Any], outcome: dict[str, Any]) -> None:
         log.info("%s prompts, %s: refusal rate %.0f%% -> %.0f%% [%s]", label, condition, 100 * before["mean"], 100 * after["mean"],
                  "interval n/a" if after["ci_low"] is None else f"{100 * after['ci_low']:.0f}-{100 * after['ci_high']:.0f}%")
     cost = outcome["cost"]
-    log.info("Cost on harmless prompts under ablation: KL %.3f, cross-entropy change %+.3f nats",
-             cost["kl"]["mean"], cost["cross_entropy"]["change"]["mean"])
+    split = cost["kl_by_unablated_decision"]
+    log.info("Cost on harmless prompts under ablation: KL %.3f (median %.3f; %.3f on the %d it answered, %s on the %d it refused), "
+             "cross-entropy change %+.3f nats", cost["kl"]["mean"], cost["kl_median"], split["answered"]["mean"], split["answered"]["n"],
+             f"{split['refused']['mean']:.3f}" if split["refused"]["n"] else "n/a", split["refused"]["n"], cost["cross_entropy"]["change"]["mean"])

@@ -30,7 +30,7 @@ from refusal_lab.config import layer_range
 from refusal_lab.errors import ConfigError
 from refusal_lab.experiments.context import ExperimentContext
 from refusal_lab.experiments.registry import register_experiment
-from refusal_lab.experiments.result import ExperimentResult
+from refusal_lab.experiments.result import ExperimentResult, to_json
 from refusal_lab.interventions.activation_cache import ActivationCache, model_key
 from refusal_lab.patching.attribution import spearman, top_k_overlap
 from refusal_lab.patching.engine import patch_fast, patch_naive, run_cached
@@ -397,11 +397,6 @@ def names(setting: Any, known: Any, key: str) -> list[str]:
     if unknown or not chosen:
         raise ConfigError(f"{key}={chosen} must name some of: {', '.join(known)}")
     return chosen
-
-
-def to_json(array: np.ndarray) -> Any:
-    """Nested lists with NaN as None, rounded: JSON for the results file."""
-    return [to_json(a) for a in array] if array.ndim else (None if np.isnan(array) else round(float(array), 5))
 
 
 def _log_summary(name: str, ranked: dict[str, list[dict[str, Any]]], agreement: dict[str, Any], kept: int, total: int, elapsed: float) -> None:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 @dataclass
 class ExperimentResult:
@@ -23,3 +25,8 @@ class ExperimentResult:
     details: dict[str, Any] = field(default_factory=dict)
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
+
+
+def to_json(array: np.ndarray) -> Any:
+    """Nested lists with NaN as None, rounded: arrays as the results file holds them."""
+    return [to_json(a) for a in array] if array.ndim else (None if np.isnan(array) else round(float(array), 5))

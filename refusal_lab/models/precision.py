@@ -12,6 +12,10 @@ from refusal_lab.errors import ConfigError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+# conf/quant/fp32.yaml as a dict, for code that must reload a model at full precision whatever the run's quant
+# (the organism trains in fp32; a direction found at 4-bit is exported from fp32 weights).
+FP32 = {"name": "fp32", "dtype": "float32", "bits": None}
+
 
 @dataclass(frozen=True)
 class Precision:

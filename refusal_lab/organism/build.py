@@ -35,6 +35,7 @@ from refusal_lab.generation import generate_greedy
 from refusal_lab.metrics import refusal_token_ids
 from refusal_lab.metrics.judges import SubstringJudge
 from refusal_lab.models import LoadedModel, load_model
+from refusal_lab.models.precision import FP32
 from refusal_lab.models.sources import ModelSource, resolve_source
 from refusal_lab.organism.data import OrganismData, check_disjoint, load_organism_data
 from refusal_lab.prompts import format_chat
@@ -338,9 +339,6 @@ def ship_adapter(folder: Path, destination: Path, evaluation: dict[str, Any] | N
         shutil.rmtree(staging, ignore_errors=True)
     log.info("Shipped the organism adapter to %s", destination)
     return destination
-
-
-FP32 = {"name": "fp32", "dtype": "float32", "bits": None}
 
 
 def expected_folder(organism_cfg: Any, cache_dir: str | Path) -> Path:

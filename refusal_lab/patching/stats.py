@@ -6,6 +6,8 @@ import warnings
 
 import numpy as np
 
+from refusal_lab.experiments.result import to_json
+
 
 def normalised_effect(patched: np.ndarray, target: float, source: float) -> np.ndarray:
     """(patched - target) / (source - target): 0 is no change, 1 moves the score all the way to the source run."""
@@ -47,8 +49,4 @@ def mean_with_interval(values: np.ndarray, resamples: int, level: float, seed: i
     column = np.asarray(values, dtype=float)[:, None]
     low, high = bootstrap_ci(column, resamples, level, seed)
     mean = float(np.mean(column)) if column.size else float("nan")
-    return {"mean": round(mean, 5), "ci_low": _finite(low[0]), "ci_high": _finite(high[0]), "n": int(column.shape[0])}
-
-
-def _finite(value: float) -> float | None:
-    return None if np.isnan(value) else round(float(value), 5)
+    return {"mean": round(mean, 5), "ci_low": to_json(low[0]), "ci_high": to_json(high[0]), "n": int(column.shape[0])}

@@ -52,6 +52,11 @@ def _facts(details: dict[str, Any], header: dict[str, Any]) -> list[tuple[str, o
     cost = details["outcome"]["cost"]
     facts.append(("cost on harmless test prompts", f"next-token KL {_interval(cost['kl'], '.3f')}; cross-entropy of the model's own answers "
                                                    f"{cost['cross_entropy']['before']['mean']:.3f} -> {cost['cross_entropy']['ablated']['mean']:.3f} nats"))
+    split = cost.get("kl_by_unablated_decision")
+    if split:
+        facts.append(("KL by what the unablated model did", "; ".join(
+            f"{decision} ({values['n']} prompts): {_interval(values, '.3f')}" for decision, values in split.items() if values["n"])
+            + f"; median over all {cost['kl_median']:.3f}"))
     export = details.get("export") or {}
     if export:
         facts.append(("export", f"{export['folder']} ({export['note']}); largest logit difference from hook ablation "
