@@ -17,7 +17,7 @@ from refusal_lab.runner import run
 log = logging.getLogger("refusal_lab")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
         document = run(cfg)

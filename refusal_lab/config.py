@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import re
 from pathlib import Path
@@ -11,7 +12,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from refusal_lab.errors import ConfigError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The configs and the shipped data travel inside the package, so an installed copy (not only an editable
+# one) finds them; outputs go under the folder the user runs from (the ``working_dir`` resolver).
+PACKAGE_DIR = Path(str(importlib.resources.files("refusal_lab")))
+CONF_DIR = PACKAGE_DIR / "conf"
+DATA_DIR = PACKAGE_DIR / "data"
 
 _SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential)", re.IGNORECASE)
 _SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
@@ -26,7 +31,8 @@ def default_cache_dir() -> str:
 
 def register_resolvers() -> None:
     # replace=True keeps repeated imports (tests, the basic launcher) from raising.
-    OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
+    OmegaConf.register_new_resolver("working_dir", os.getcwd, replace=True)
+    OmegaConf.register_new_resolver("package_data", lambda: str(DATA_DIR), replace=True)
     OmegaConf.register_new_resolver("cache_root", default_cache_dir, replace=True)
 
 

@@ -137,4 +137,11 @@ def current_job(cfg: DictConfig) -> JobInfo:
         sweep_name="_".join(Path(hydra_cfg.sweep.dir).parts[-2:]) if multirun else None,
         job_num=int(hydra_cfg.job.num) if multirun else None,
         overrides=redact_overrides(list(hydra_cfg.overrides.task)),
+        name_overrides=redact_overrides(naming_overrides(list(hydra_cfg.overrides.task), hydra_cfg.job.config.override_dirname.exclude_keys)),
     )
+
+
+def naming_overrides(overrides: list[str], exclude_keys: Any) -> list[str]:
+    """The overrides Hydra names the job's folder by: all but the excluded keys (paths would nest folders)."""
+    excluded = set(exclude_keys or [])
+    return [o for o in overrides if o.partition("=")[0].lstrip("+~") not in excluded]

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from hydra import compose, initialize_config_dir
 
-from refusal_lab.config import PROJECT_ROOT
+from refusal_lab.config import CONF_DIR
 from refusal_lab.experiments.patching import DIRECTIONS, balanced_order
 from refusal_lab.metrics import refusal_token_ids
 from refusal_lab.models import load_model
@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = compose(config_name="config", overrides=list(args.overrides))
     loaded = load_model(cfg.model, cfg.quant, cfg.paths.cache_dir)
     model, adapter, tokenizer = loaded.model, loaded.adapter, loaded.tokenizer

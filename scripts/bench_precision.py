@@ -20,7 +20,7 @@ import time
 import numpy as np
 from hydra import compose, initialize_config_dir
 
-from refusal_lab.config import PROJECT_ROOT
+from refusal_lab.config import CONF_DIR
 from refusal_lab.generation import generate_greedy
 from refusal_lab.metrics import refusal_score, refusal_token_ids
 from refusal_lab.models import load_model
@@ -40,7 +40,7 @@ def main() -> None:
     rows = []
     reference: dict[str, object] | None = None
     for quant in args.quants.split(","):
-        with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
             cfg = compose(config_name="config", overrides=[f"quant={quant}", *args.overrides])
         records = load_prompt_set(cfg.prompts.path).select(split="test", limit=args.prompts).records
         started = time.perf_counter()

@@ -11,14 +11,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 import refusal_lab  # noqa: F401  (resolvers)
-from refusal_lab.config import PROJECT_ROOT
+from refusal_lab.config import CONF_DIR
 
-CONF_DIR = str(PROJECT_ROOT / "conf")
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
     """The config Hydra would build for ``python -m refusal_lab <overrides>``."""
-    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = compose(config_name="config", overrides=overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
@@ -31,7 +31,7 @@ def run_cli(args: list[str], tmp_path: Path, extra_env: dict[str, str] | None = 
     redirect = [f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/multirun"]
     return subprocess.run(
         [sys.executable, "-m", "refusal_lab", *args, *redirect],
-        cwd=PROJECT_ROOT,
+        cwd=REPO_ROOT,
         env=env,
         capture_output=True,
         text=True,

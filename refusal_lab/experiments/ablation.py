@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from refusal_lab.ablation import MODES, Component, ablation_hooks, from_ranked, random_like, reference_activations
 from refusal_lab.ablation.components import KINDS
 from refusal_lab.ablation.values import POSITIONS
-from refusal_lab.config import PROJECT_ROOT
+from refusal_lab.config import CONF_DIR
 from refusal_lab.metrics.divergence import next_token_kl
 from refusal_lab.errors import ConfigError
 from refusal_lab.experiments.baseline import answer_rows
@@ -137,7 +137,7 @@ def patch_selection_split(context: ExperimentContext) -> list[dict[str, Any]]:
     from refusal_lab.experiments.patching import run_patching
 
     exp = context.settings
-    settings = OmegaConf.merge(OmegaConf.load(PROJECT_ROOT / "conf" / "experiment" / "patching.yaml").experiment, exp.ranking)
+    settings = OmegaConf.merge(OmegaConf.load(CONF_DIR / "experiment" / "patching.yaml").experiment, exp.ranking)
     derived = context.cfg.copy()
     with open_dict(derived):
         derived.experiment = settings

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from refusal_lab.config import PROJECT_ROOT, redact_secrets
+from refusal_lab.config import PACKAGE_DIR, redact_secrets
 from refusal_lab.experiments.result import ExperimentResult
 
 _PACKAGES = (
@@ -77,10 +77,14 @@ def _finite(value: Any) -> Any:
 
 
 def _git_commit() -> str | None:
+    """The commit of a refusal_lab checkout; None for an installed copy, even one inside another git repository."""
     try:
         out = subprocess.run(
-            ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+            ["git", "-C", str(PACKAGE_DIR), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True, timeout=5, check=True
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    lines = out.stdout.split()
+    if len(lines) != 2 or Path(lines[0]).resolve() != PACKAGE_DIR.parent.resolve():
+        return None
+    return lines[1]
