@@ -7,22 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-import refusal_lab  # noqa: F401  (resolvers)
-from refusal_lab.config import CONF_DIR
+from refusal_lab.api import compose
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
-    """The config Hydra would build for ``python -m refusal_lab <overrides>``."""
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose(config_name="config", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
+    """The config Hydra would build for ``python -m refusal_lab <overrides>`` (the Python API's compose)."""
+    return compose(overrides, output_dir)
 
 
 def run_cli(args: list[str], tmp_path: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

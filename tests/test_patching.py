@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors.numpy import load_file
 
+from refusal_lab import api
 from refusal_lab.interventions import Site, capture, intervene
 from refusal_lab.models.adapters import adapter_for
 from refusal_lab.patching import Variant, patch_fast, patch_naive, run_cached
@@ -242,11 +243,10 @@ def test_patching_experiment_writes_effects_ranked_components_and_checks_itself(
             "prompts.limit=2", "experiment.layers=[26,30]", "experiment.min_gap=0.1", "prompts.split=null", "experiment.verify_variants=4",
             "experiment.bootstrap.resamples=50",
         ],
-        tmp_path,
+        tmp_path / "run",
     )
-    out = run(cfg)
-    document = json.loads(Path(out["results_path"]).read_text())
-    details = document["details"]
+    results = api.run(cfg)  # the Python API: the same run, its results read back through the one loader
+    document, details = results.document, results.details
     assert details["exactness"]["variants_checked"] == 4 and details["exactness"]["max_abs_diff"] < 1e-4
     assert details["layers"] == [26, 30] and details["positions"]["post_instruction_tokens"] == 6
     effects = details["effects"]["harmless_to_harmful"]
@@ -258,7 +258,7 @@ def test_patching_experiment_writes_effects_ranked_components_and_checks_itself(
     assert np.isnan(low).all() and np.isnan(high).all()  # two pairs: too few for an interval
     ranked = details["ranked"]["harmful_to_harmless"]
     assert len(ranked) == 4 * 9 + 4 + 4 and [r["effect"] for r in ranked] == sorted((r["effect"] for r in ranked), reverse=True)
-    arrays = load_file(str(tmp_path / document["files"]["effects"]))
+    arrays = results.arrays("effects")
     assert arrays["exact/harmless_to_harmful/head"].shape == (2, 30, 9)
     assert np.allclose(np.nanmean(arrays["exact/harmless_to_harmful/mlp"][:, 26:], axis=0), mean, atol=1e-5)
     # Attribution ran beside it on every sweep, and its agreement with the exact effects is reported.
@@ -266,13 +266,19 @@ def test_patching_experiment_writes_effects_ranked_components_and_checks_itself(
     agreement = details["agreement"]["harmless_to_harmful"]["head"]
     assert agreement["n_components"] == 4 * 9 and -1 <= agreement["spearman"] <= 1 and 0 <= agreement["top_k_overlap"] <= 1
     assert document["metrics"]["patching/agreement/harmless_to_harmful/mlp/spearman"] == details["agreement"]["harmless_to_harmful"]["mlp"]["spearman"]
-    page = (tmp_path / document["files"]["dashboard"]).read_text()
+    page = results.file("dashboard").read_text()
     assert "<script src=" not in page and "Plotly.newPlot" in page  # plotly.js inside: it opens offline
     assert "L26H0" in page or "L27" in page  # the ranked components are on it
-    assert (tmp_path / document["files"]["circuit"]).read_bytes()[:4] == b"\x89PNG"
-    pairs = [json.loads(line) for line in (Path(out["results_path"]).parent / "patching_pairs.jsonl").read_text().splitlines()]
+    assert results.file("circuit").read_bytes()[:4] == b"\x89PNG"
+    pairs = results.table("pairs")
     assert len(pairs) == 2 and all(p["kept"] and p["span"] >= 5 for p in pairs)
     assert OmegaConf.select(cfg, "experiment.engine") == "fast"
+    # Copied elsewhere (another machine's run, say), the folder reads the same from its files alone.
+    shutil.copytree(tmp_path / "run", tmp_path / "moved")
+    moved = api.load_results(tmp_path / "moved")
+    assert moved.metrics == results.metrics and moved.precision == "fp32" and moved.experiment == "patching"
+    assert np.array_equal(moved.arrays("effects")["exact/harmless_to_harmful/head"], arrays["exact/harmless_to_harmful/head"], equal_nan=True)
+    assert [r.run_folder for r in api.find_results(tmp_path)] == [tmp_path / "moved", tmp_path / "run"]
 
 
 def test_activation_cache_reuses_runs_and_never_serves_stale_ones(tmp_path: Path, embedded_model_dir: Path) -> None:
