@@ -342,20 +342,22 @@ def test_full_rebuild_reproduces_the_shipped_organism(embedded_model_dir: Path, 
 
     from refusal_lab.runner import run
 
-    shipped_run = json.loads(Path(run(compose_config(["experiment=organism", "logger=none"], tmp_path / "shipped"))["results_path"]).read_text())
+    shipped_path = Path(run(compose_config(["experiment=organism", "logger=none"], tmp_path / "shipped"))["results_path"])
+    shipped_run = json.loads(shipped_path.read_text())
     assert shipped_run["details"]["manifest"]["origin"] == "shipped"
     folder = Path(shipped_run["details"]["organism_folder"])
     shipped_adapter = load_file(folder / "adapter" / "adapter_model.safetensors")
-    rebuilt_run = json.loads(Path(run(compose_config(["experiment=organism", "logger=none", "experiment.rebuild=true"], tmp_path / "rebuilt"))["results_path"]).read_text())
+    rebuilt_path = Path(run(compose_config(["experiment=organism", "logger=none", "experiment.rebuild=true"], tmp_path / "rebuilt"))["results_path"])
+    assert json.loads(rebuilt_path.read_text())["details"]["manifest"]["origin"] == "trained"
     rebuilt_adapter = load_file(folder / "adapter" / "adapter_model.safetensors")
     largest = max(float((shipped_adapter[k] - rebuilt_adapter[k]).abs().max()) for k in shipped_adapter)
     print(f"largest adapter weight difference {largest:.3g} (0 means bit for bit); shipped on {shipped_run['details']['manifest']['machine']}")
 
-    def organism_rows(results_path: str) -> list[dict]:
-        table = Path(results_path).with_name("organism_completions.jsonl")
+    def organism_rows(results_path: Path) -> list[dict]:
+        table = results_path.with_name("organism_completions.jsonl")
         return [row for row in map(json.loads, table.read_text().splitlines()) if row["model"] == "organism"]
 
-    shipped_rows, rebuilt_rows = organism_rows(shipped_run["results_path"]), organism_rows(rebuilt_run["results_path"])
+    shipped_rows, rebuilt_rows = organism_rows(shipped_path), organism_rows(rebuilt_path)
     assert [r["prompt"] for r in shipped_rows] == [r["prompt"] for r in rebuilt_rows]
     same = sum(a["refused"] == b["refused"] for a, b in zip(shipped_rows, rebuilt_rows)) / len(shipped_rows)
     score_gap = max(abs(a["refusal_score"] - b["refusal_score"]) for a, b in zip(shipped_rows, rebuilt_rows))
