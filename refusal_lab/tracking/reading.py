@@ -97,8 +97,9 @@ def find_results(folder: str | Path) -> list[RunResults]:
 
 
 def _results_files(candidates: Any) -> list[Path]:
-    """Results files among the JSON files of results folders: those named for the experiment they hold
-    (an experiment may write other JSON beside its results, such as ``ablation_ranking.json``)."""
+    """Results files among the JSON files of results folders: those named for the experiment they hold, with
+    metrics (an experiment may write other JSON beside its results). The ablation's ranking pass writes one
+    of its own, ``ablation_ranking.json``."""
     found = []
     for path in sorted(candidates):
         try:
