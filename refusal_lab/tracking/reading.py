@@ -83,6 +83,8 @@ def load_results(where: str | Path, experiment: str | None = None) -> RunResults
     path = Path(where)
     if path.is_file():
         return RunResults(path)
+    if not path.is_dir():
+        raise ConfigError(f"{where} does not exist; give a run's folder, its results/ folder or its results file")
     folder = path / "results" if (path / "results").is_dir() else path
     found = [p for p in _results_files(folder.glob("*.json")) if experiment is None or p.stem == experiment]
     if len(found) != 1:
