@@ -43,7 +43,7 @@ def run(overrides: Sequence[str] | DictConfig = (), output_dir: str | Path | Non
     cfg = overrides if isinstance(overrides, DictConfig) else compose(overrides, output_dir)
     _show_progress_messages()
     document = run_job(cfg)
-    return RunResults(Path(document["results_path"]))
+    return RunResults.read(document["results_path"])
 
 
 def _show_progress_messages() -> None:

@@ -131,17 +131,19 @@ def current_job(cfg: DictConfig) -> JobInfo:
     except ValueError:  # composed without Hydra's runtime (tests, notebooks)
         return JobInfo(output_dir=Path(cfg.paths.output_dir))
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    overrides = redact_overrides(list(hydra_cfg.overrides.task))
     return JobInfo(
         output_dir=Path(hydra_cfg.runtime.output_dir),
         # <date>_<time>_<experiment>: unique per sweep, readable as a W&B group name
         sweep_name="_".join(Path(hydra_cfg.sweep.dir).parts[-2:]) if multirun else None,
         job_num=int(hydra_cfg.job.num) if multirun else None,
-        overrides=redact_overrides(list(hydra_cfg.overrides.task)),
-        name_overrides=redact_overrides(naming_overrides(list(hydra_cfg.overrides.task), hydra_cfg.job.config.override_dirname.exclude_keys)),
+        overrides=overrides,
+        name=job_name(int(hydra_cfg.job.num), overrides, hydra_cfg.job.config.override_dirname.exclude_keys) if multirun else None,
     )
 
 
-def naming_overrides(overrides: list[str], exclude_keys: Any) -> list[str]:
-    """The overrides Hydra names the job's folder by: all but the excluded keys (paths would nest folders)."""
+def job_name(num: int, overrides: list[str], exclude_keys: Any) -> str:
+    """``<num>_<overrides>`` as Hydra names a multirun job's folder (sorted, the path keys left out), from
+    overrides whose secrets are already redacted: what the job's W&B run is called."""
     excluded = set(exclude_keys or [])
-    return [o for o in overrides if o.partition("=")[0].lstrip("+~") not in excluded]
+    return f"{num}_" + ",".join(sorted(o for o in overrides if o.partition("=")[0].lstrip("+~") not in excluded))

@@ -8,8 +8,7 @@ relative to where the file now lies.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,12 @@ class RunResults:
     """One run's ``results/<experiment>.json`` and what it points to."""
 
     path: Path
+    document: dict[str, Any] = field(repr=False)
 
-    @cached_property
-    def document(self) -> dict[str, Any]:
-        return json.loads(self.path.read_text(encoding="utf-8"))
+    @classmethod
+    def read(cls, path: str | Path) -> RunResults:
+        path = Path(path)
+        return cls(path, json.loads(path.read_text(encoding="utf-8")))
 
     @property
     def experiment(self) -> str:
@@ -82,23 +83,23 @@ def load_results(where: str | Path, experiment: str | None = None) -> RunResults
     picks one where the folder holds several."""
     path = Path(where)
     if path.is_file():
-        return RunResults(path)
+        return RunResults.read(path)
     if not path.is_dir():
         raise ConfigError(f"{where} does not exist; give a run's folder, its results/ folder or its results file")
     folder = path / "results" if (path / "results").is_dir() else path
-    found = [p for p in _results_files(folder.glob("*.json")) if experiment is None or p.stem == experiment]
+    found = [r for r in _results_files(folder.glob("*.json")) if experiment is None or r.experiment == experiment]
     if len(found) != 1:
         what = f"results/{experiment}.json" if experiment else "one results/<experiment>.json"
-        raise ConfigError(f"{where} holds {len(found)} results files, not {what}" + (f": {', '.join(p.name for p in found)}" if found else ""))
-    return RunResults(found[0])
+        raise ConfigError(f"{where} holds {len(found)} results files, not {what}" + (f": {', '.join(r.path.name for r in found)}" if found else ""))
+    return found[0]
 
 
 def find_results(folder: str | Path) -> list[RunResults]:
     """Every run's results under ``folder`` (a multirun sweep folder, say), in path order."""
-    return [RunResults(p) for p in _results_files(Path(folder).glob("**/results/*.json"))]
+    return _results_files(Path(folder).glob("**/results/*.json"))
 
 
-def _results_files(candidates: Any) -> list[Path]:
+def _results_files(candidates: Any) -> list[RunResults]:
     """Results files among the JSON files of results folders: those named for the experiment they hold, with
     metrics (an experiment may write other JSON beside its results). The ablation's ranking pass writes one
     of its own, ``ablation_ranking.json``."""
@@ -109,5 +110,5 @@ def _results_files(candidates: Any) -> list[Path]:
         except (OSError, ValueError):
             continue
         if isinstance(document, dict) and document.get("experiment") == path.stem and "metrics" in document:
-            found.append(path)
+            found.append(RunResults(path, document))  # read once: a patching results file runs to megabytes
     return found

@@ -32,16 +32,7 @@ class JobInfo:
     sweep_name: str | None = None  # shared by every job of one multirun
     job_num: int | None = None
     overrides: list[str] | None = None  # the command line's overrides, secrets redacted
-    name_overrides: list[str] | None = None  # those that name the job (Hydra's override_dirname keys), secrets redacted
-
-
-def run_name(experiment: str, job: JobInfo) -> str:
-    """The experiment alone for a single run; in a multirun the job's number and its overrides, as its folder is
-    named (``2_quant=4bit``), so the W&B workspace tells the jobs of a sweep apart at a glance."""
-    if job.job_num is None:
-        return experiment
-    described = ",".join(sorted(job.name_overrides if job.name_overrides is not None else (job.overrides or [])))
-    return f"{job.job_num}_{described}" if described else f"{experiment}-{job.job_num}"
+    name: str | None = None  # in a multirun, the job's folder name (``2_quant=4bit``), secrets redacted
 
 
 class NullTracker:
@@ -83,13 +74,12 @@ class WandbTracker:
         try:
             import wandb
 
-            name = run_name(self.experiment, self.job)
             self.run = wandb.init(
                 project=str(self.cfg.project),
                 entity=self.cfg.get("entity"),
                 group=self.cfg.get("group") or self.job.sweep_name,
                 job_type=self.experiment,
-                name=name,
+                name=self.job.name or self.experiment,  # a multirun's jobs are told apart by their overrides
                 tags=list(self.cfg.get("tags") or []),
                 config=self.config,
                 dir=str(self.job.output_dir),
