@@ -19,13 +19,19 @@ log = logging.getLogger("refusal_lab")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         document = run(cfg)
     except ConfigError as error:
         log.error("%s", error)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # Hydra records this job as failed and the sweep's other jobs still run
+        if multirun:
+            return None  # recorded in the job's results file; the sweep goes on and its comparison reports it
         sys.exit(2)  # one line, no traceback: the message says what to fix
+    except Exception:
+        if multirun:
+            log.exception("The job failed; the sweep goes on, and its comparison reports the job as failed")
+            return None
+        raise
     metric = cfg.get("optimized_metric")
     return document["metrics"].get(metric) if metric else None
 

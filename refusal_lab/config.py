@@ -34,6 +34,18 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("working_dir", os.getcwd, replace=True)
     OmegaConf.register_new_resolver("package_data", lambda: str(DATA_DIR), replace=True)
     OmegaConf.register_new_resolver("cache_root", default_cache_dir, replace=True)
+    OmegaConf.register_new_resolver("swept", swept_name, replace=True)
+
+
+def swept_name(overrides: Any, fallback: str) -> str:
+    """What a multirun sweeps, for its folder's name: ``experiment=baseline,patching`` from the command line's
+    sweeping overrides (values redacted where secret, ``/`` replaced), ``fallback`` where none sweeps (a sweep config)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides([str(o) for o in overrides or []])
+    swept = [o.input_line for o in parsed if o.is_sweep_override() and o.input_line]
+    name = "_".join(redact_overrides(swept)).replace("/", "-").replace(" ", "").replace("'", "").replace('"', "")
+    return name[:120] or fallback
 
 
 def plain_config(cfg: DictConfig) -> dict[str, Any]:

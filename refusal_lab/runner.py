@@ -8,103 +8,133 @@ released, also when the experiment raises.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import psutil
 from omegaconf import DictConfig
 from transformers import set_seed
 
-from refusal_lab.config import check_positive_settings, layer_range, plain_config, redact_overrides
-from refusal_lab.experiments import ExperimentResult, get_experiment
+from refusal_lab.config import layer_range, plain_config, redact_overrides
+from refusal_lab.experiments import ExperimentResult
 from refusal_lab.experiments.context import ExperimentContext
+from refusal_lab.experiments.pipeline import PIPELINE, plan_stages, summarize
+from refusal_lab.interventions.activation_cache import ActivationCache
 from refusal_lab.metrics import make_judge, refusal_token_ids
 from refusal_lab.models import LoadedModel, load_weights, plan_model
 from refusal_lab.models.sources import ModelSource
 from refusal_lab.prompts import load_prompt_set, require_chat_template
 from refusal_lab.tracking import JobInfo, make_tracker, package_versions, write_results
+from refusal_lab.tracking.results import ResultFiles, write_failure
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run ``cfg.experiment`` and return its results document (also written to disk)."""
+    """Run ``cfg.experiment`` (one experiment, or the pipeline's stages) and return its results document (also
+    written to disk). A failure is written too, as the results file of what was run, and then raised."""
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    set_seed(int(cfg.seed))
     job = current_job(cfg)
-    spec = get_experiment(str(cfg.experiment.name))
+    name = str(cfg.experiment.name)
+    record = {"job": describe_job(job), "started_at": started_at, "config": plain_config(cfg)}
+    try:
+        return _run(cfg, job, record, started)
+    except BaseException as error:
+        record["runtime_s"] = round(time.perf_counter() - started, 2)
+        path = write_failure(job.output_dir, name, error, record)
+        log.error("%s failed (%s: %s); the failure is recorded in %s", name, type(error).__name__, error, path)
+        raise
 
-    # Cheap checks first (prompts, judge, tracker settings), then the model short of its weights.
-    prompts = load_prompt_set(cfg.prompts.path, cfg.prompts.get("name")).select(
-        split=cfg.prompts.get("split"), categories=cfg.prompts.get("categories"), limit=cfg.prompts.get("limit")
-    )
-    if spec.needs_pairs:
-        prompts.pairs()
-    check_positive_settings(cfg.experiment)
-    if spec.check is not None:
-        spec.check(cfg)
+
+def _run(cfg: DictConfig, job: JobInfo, record: dict[str, Any], started: float) -> dict[str, Any]:
+    set_seed(int(cfg.seed))
+    name = str(cfg.experiment.name)
+    # Cheap checks first (prompts, every stage's settings, judge, tracker settings), then the model short of its weights.
+    prompt_set = load_prompt_set(cfg.prompts.path, cfg.prompts.get("name"))
+    stages = plan_stages(cfg, prompt_set)
     judge = make_judge(cfg.get("judge"))
-    config = plain_config(cfg)
-    tracker = make_tracker(cfg.get("logger"), job, spec.name, config)
+    tracker = make_tracker(cfg.get("logger"), job, name, record["config"])
     source, steps = organism_step(cfg)
     plan = plan_model(cfg.model, cfg.quant, cfg.paths.cache_dir, source=source)
-    if cfg.experiment.get("layers") is not None:
-        layer_range(cfg.experiment.layers, plan.n_layers(), "experiment.layers")
+    for stage in stages:
+        if stage.cfg.experiment.get("layers") is not None:
+            layer_range(stage.cfg.experiment.layers, plan.n_layers(), "experiment.layers")
     tokenizer = plan.tokenizer
     chat_template = require_chat_template(tokenizer, str(cfg.model.name))
     refusal_ids = refusal_token_ids(tokenizer, list(cfg.model.refusal_tokens))
     log.info(
-        "Experiment %s on %s at %s: %d prompts from %s",
-        spec.name, cfg.model.name, plan.precision.name, len(prompts), prompts.path.name,
+        "Experiment %s on %s at %s: %s from %s",
+        name, cfg.model.name, plan.precision.name, ", ".join(f"{s.name} {len(s.prompts)} prompts" for s in stages), prompt_set.path.name,
     )
 
     loaded: LoadedModel | None = None
     failed = True
+    written: dict[str, ResultFiles] = {}
     tracker.start()
     try:
         loaded = load_weights(cfg.model, plan)
-        context = ExperimentContext(cfg, loaded, prompts, judge, refusal_ids, job.output_dir)
-        result: ExperimentResult = spec.run(context)
-        loaded = context.model  # an experiment may replace the model (the organism does)
-        result.metrics.update({f"steps/{name}/seconds": step["seconds"] for name, step in steps.items()})
-        provenance = {
-            "model": loaded.describe(),
-            "prompts": prompts.describe(),
-            "judge": judge.describe(),
-            "chat_template": chat_template,
-            "system_prompt": context.system_prompt,
-            "refusal_tokens": {
-                "strings": list(cfg.model.refusal_tokens),
-                "ids": refusal_ids,
-                "decoded": [tokenizer.decode([i]) for i in refusal_ids],
-            },
-            "steps": steps,
-            "seed": int(cfg.seed),
-            "versions": package_versions(),
-            "job": {"output_dir": str(job.output_dir), "sweep": job.sweep_name, "num": job.job_num, "overrides": job.overrides},
-            "started_at": started_at,
-            "runtime_s": round(time.perf_counter() - started, 2),
-            "config": config,
-        }
-        files = write_results(job.output_dir, spec.name, result, provenance)
-        tracker.log(result, files)
+        results: dict[str, ExperimentResult] = {}
+        seconds: dict[str, float] = {}
+        clean_runs = ActivationCache("this process") if len(stages) > 1 else None  # later stages reuse earlier clean runs
+        for stage in stages:
+            clock = time.perf_counter()
+            context = ExperimentContext(stage.cfg, loaded, stage.prompts, judge, refusal_ids, job.output_dir, results, clean_runs)
+            result = stage.spec.run(context)
+            loaded = context.model  # an experiment may replace the model (the organism does)
+            result.metrics.update({f"steps/{step}/seconds": value["seconds"] for step, value in steps.items()})
+            seconds[stage.name] = time.perf_counter() - clock
+            results[stage.name] = result
+            provenance = {
+                "model": loaded.describe(),
+                "prompts": stage.prompts.describe(),
+                "judge": judge.describe(),
+                "chat_template": chat_template,
+                "system_prompt": context.system_prompt,
+                "refusal_tokens": {
+                    "strings": list(cfg.model.refusal_tokens),
+                    "ids": refusal_ids,
+                    "decoded": [tokenizer.decode([i]) for i in refusal_ids],
+                },
+                "steps": steps,
+                "process": {"pid": os.getpid(), "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1)},  # a leak across jobs shows here
+                "seed": int(cfg.seed),
+                "versions": package_versions(),
+                **record,
+                "runtime_s": round(seconds[stage.name] if len(stages) > 1 else time.perf_counter() - started, 2),
+                "config": plain_config(stage.cfg) if len(stages) > 1 else record["config"],
+            }
+            written[stage.name] = write_results(job.output_dir, stage.name, result, provenance)
+            tracker.log(stage.name, result, written[stage.name])
+        if name == PIPELINE:
+            result = summarize(stages, results, written, seconds, job.output_dir / "results" / "pipeline_dashboard.html")
+            provenance = {**provenance, "prompts": prompt_set.describe(), "runtime_s": round(time.perf_counter() - started, 2), "config": record["config"]}
+            written[name] = write_results(job.output_dir, name, result, provenance)
+            tracker.log(name, result, written[name])
         failed = False
     finally:
         tracker.finish(failed)
         if loaded is not None:
             loaded.close()
 
-    log.info("Results:     %s", files.results)
-    for name, path in files.tables.items():
-        log.info("Table %-6s %s", name + ":", path)
-    for name, path in files.files.items():
-        log.info("%-12s %s", name.capitalize() + ":", path)
+    for stage_name, files in written.items():
+        log.info("Results:     %s", files.results)
+        for table, path in files.tables.items():
+            log.info("Table %-6s %s", table + ":", path)
+        for what, path in files.files.items():
+            log.info("%-12s %s", what.capitalize() + ":", path)
     where = tracker.describe()
     if where:
         log.info("W&B run:     %s", where)
-    return {"metrics": result.metrics, "results_path": str(files.results), **provenance}
+    every_metric = {key: value for stage_result in results.values() for key, value in stage_result.metrics.items()} | result.metrics
+    return {"metrics": every_metric, "results_path": str(written[name].results), **provenance}
+
+
+def describe_job(job: JobInfo) -> dict[str, Any]:
+    return {"output_dir": str(job.output_dir), "sweep": job.sweep_name, "num": job.job_num, "overrides": job.overrides}
 
 
 def organism_step(cfg: DictConfig) -> tuple[ModelSource | None, dict[str, Any]]:

@@ -53,10 +53,10 @@ def test_resampling_a_prompts_own_activations_changes_nothing_and_zero_ablation_
 def test_random_control_matches_the_kinds_and_avoids_the_top_components() -> None:
     top = [Component("head", 3, 1), Component("mlp", 0), Component("head", 5, 0)]
     for seed in range(20):
-        control = random_like(top, n_layers=6, n_heads=4, rng=random.Random(seed), exclude=top)
+        control = random_like(top, layers=range(6), n_heads=4, rng=random.Random(seed), exclude=top)
         assert sorted(c.kind for c in control) == ["head", "head", "mlp"] and not set(control) & set(top)
     with pytest.raises(ConfigError, match="only 1 are left"):
-        random_like([Component("mlp", 0), Component("mlp", 1)], n_layers=2, n_heads=4, rng=random.Random(0), exclude=[Component("mlp", 0)])
+        random_like([Component("mlp", 0), Component("mlp", 1)], layers=range(2), n_heads=4, rng=random.Random(0), exclude=[Component("mlp", 0)])
 
 
 def test_ablation_experiment_ranks_ablates_and_controls(embedded_model_dir: Path, tmp_path: Path) -> None:

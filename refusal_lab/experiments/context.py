@@ -2,8 +2,8 @@
 
 The context holds what every experiment needs and nothing it must build itself: the loaded model,
 the prompt set, the judge, the refusal tokens, the settings and a results path per stage. What
-earlier stages of the same process computed is in ``earlier`` (by experiment name), so a later
-stage reuses it instead of computing it again.
+earlier stages of the same process computed is in ``earlier`` (by experiment name), and the clean runs
+they made in ``clean_runs``, so a later stage reuses them instead of computing them again.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from refusal_lab.experiments.result import ExperimentResult
 from refusal_lab.generation import Generation, generate_greedy
+from refusal_lab.interventions.activation_cache import ActivationCache
 from refusal_lab.metrics import refusal_score
 from refusal_lab.metrics.judges import Judge
 from refusal_lab.models import LoadedModel
@@ -32,6 +33,7 @@ class ExperimentContext:
     refusal_ids: list[int]
     output_dir: Path
     earlier: dict[str, ExperimentResult] = field(default_factory=dict)
+    clean_runs: ActivationCache | None = None  # shared by the stages of one process: a clean run made once serves them all
 
     @property
     def settings(self) -> DictConfig:

@@ -151,10 +151,11 @@ class Scope:
 def measure_pairs(context: ExperimentContext, settings: Settings, scope: Scope) -> Measured:
     """Clean runs of each pair, then every method's sweeps in every direction, until ``max_pairs`` are kept."""
     exp, model, adapter = context.settings, context.model.model, context.model.adapter
-    cache = None
+    cache = context.clean_runs  # an earlier stage's clean runs, in a pipeline
     if exp.get("activation_cache"):
         cache_dir = Path(context.cfg.paths.cache_dir)
         cache = ActivationCache(model_key(context.model, cache_dir), cache_dir / "activations")
+    counts = (cache.hits, cache.misses) if cache is not None else (0, 0)
     pairs = balanced_order(context.prompts.pairs())
     texts = context.chat_texts([r for pair in pairs for r in pair])
     encoded = [context.model.tokenizer(t, return_tensors="pt", add_special_tokens=False)["input_ids"] for t in texts]
@@ -178,8 +179,8 @@ def measure_pairs(context: ExperimentContext, settings: Settings, scope: Scope) 
                     measured.exactness.update(direction=settings.directions[0], pair_id=row["pair_id"])
                 progress.update(1)
     measured.elapsed = time.perf_counter() - started
-    if cache is not None:
-        measured.cache = cache.describe()
+    if cache is not None:  # this stage's reuse, not the shared cache's running totals
+        measured.cache = {**cache.describe(), "hits": cache.hits - counts[0], "misses": cache.misses - counts[1]}
     return measured
 
 
@@ -237,7 +238,7 @@ def report(context: ExperimentContext, settings: Settings, scope: Scope, measure
     files = {
         "effects": effects_path,
         "dashboard": write_dashboard(details, header, context.path(name, "dashboard.html")),
-        "circuit": draw_circuit(ranked, details, context.model.adapter.n_layers, effects_path.parent / "refusal_circuit.png", method=settings.method),
+        "circuit": draw_circuit(ranked, details, context.model.adapter.n_layers, context.path(name, "circuit.png"), method=settings.method),
     }
     return ExperimentResult(metrics=metrics, details=details, tables={"pairs": measured.pairs}, files=files)
 
@@ -267,6 +268,7 @@ def describe(context: ExperimentContext, settings: Settings, scope: Scope, measu
     positions = {key: list(range(-width, 0)) for key, width in scope.positions.items()}
     return {
         "method": settings.method,
+        "split": context.cfg.prompts.get("split"),
         "engine": settings.engine if exact_needed else None,
         "precision": context.model.precision.name,
         "layers": [scope.layers[0], scope.layers[-1] + 1],

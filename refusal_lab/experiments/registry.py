@@ -61,5 +61,5 @@ def known_experiments() -> list[str]:
 def get_experiment(name: str) -> ExperimentSpec:
     _load_builtin()
     if name not in _EXPERIMENTS:
-        raise ConfigError(f"unknown experiment {name!r}; known experiments: {', '.join(known_experiments())}")
+        raise ConfigError(f"unknown experiment {name!r}; known experiments: {', '.join(known_experiments())}, and pipeline (several in one run)")
     return _EXPERIMENTS[name]

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 
 from refusal_lab.interventions import SITE_KINDS, Site, capture
 from refusal_lab.metrics.refusal_score import refusal_score
@@ -68,13 +69,11 @@ def _position_products(target: CachedRun, gradient: torch.Tensor, source: Cached
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Rank correlation, ties given their average rank; NaN for fewer than 3 components (it would be +-1 by construction)."""
-    if a.size < 3:
+    """Rank correlation (scipy's, ties given their average rank); NaN for fewer than 3 components (it would be
+    +-1 by construction) or where either side is constant."""
+    if a.size < 3 or np.all(a == a.flat[0]) or np.all(b == b.flat[0]):
         return float("nan")
-    ra, rb = _ranks(a), _ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(spearmanr(a, b).statistic)
 
 
 def top_k_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
@@ -85,13 +84,3 @@ def top_k_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
     if k < 1 or a.size <= k:
         return float("nan")
     return len(set(np.argsort(-a)[:k].tolist()) & set(np.argsort(-b)[:k].tolist())) / k
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(values.size)
-    ranks[order] = np.arange(values.size, dtype=float)
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    if (counts > 1).any():
-        ranks = (np.bincount(inverse, weights=ranks) / counts)[inverse]
-    return ranks

@@ -58,7 +58,7 @@ class PromptSet:
         categories: Iterable[str] | None = None,
         limit: int | None = None,
     ) -> "PromptSet":
-        """A subset. ``limit`` keeps the first N pairs of a paired set, else the first N of each label."""
+        """A subset. ``limit`` keeps the first N pairs of a paired set, else the first N of each label; of each split."""
         records = list(self.records)
         if split is not None:
             if split not in SPLITS:
@@ -77,15 +77,18 @@ class PromptSet:
         if limit is not None:
             if limit < 1:
                 raise ConfigError(f"prompts.limit={limit} must be at least 1 (or null for no limit)")
+            # Per split, so an experiment that uses several splits (ablation, direction, the pipeline) keeps some of each.
             if all(r.pair_id for r in records):
-                keep = list(dict.fromkeys(r.pair_id for r in records))[:limit]
-                records = [r for r in records if r.pair_id in set(keep)]
+                keep: set[str] = set()
+                for part in {r.split for r in records}:
+                    keep |= set(list(dict.fromkeys(r.pair_id for r in records if r.split == part))[:limit])
+                records = [r for r in records if r.pair_id in keep]
             else:
-                seen: Counter[str] = Counter()
+                seen: Counter[tuple[str | None, str]] = Counter()
                 kept = []
                 for r in records:
-                    seen[r.label] += 1
-                    if seen[r.label] <= limit:
+                    seen[r.split, r.label] += 1
+                    if seen[r.split, r.label] <= limit:
                         kept.append(r)
                 records = kept
         if not records:

@@ -10,6 +10,7 @@ import json
 import math
 import platform
 import subprocess
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,15 +55,33 @@ def write_results(output_dir: Path, experiment: str, result: ExperimentResult, p
         tables[name] = path
     document = {
         "experiment": experiment,
+        "status": "finished",
         "metrics": result.metrics,
         "details": result.details,
         "tables": {name: path.name for name, path in tables.items()},
         "files": {name: str(path.relative_to(output_dir)) if path.is_relative_to(output_dir) else str(path) for name, path in result.files.items()},
         **provenance,
     }
-    path = folder / f"{experiment}.json"
-    path.write_text(json.dumps(_finite(redact_secrets(document)), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return ResultFiles(path, tables, dict(result.files))
+    return ResultFiles(_write_document(folder / f"{experiment}.json", document), tables, dict(result.files))
+
+
+def write_failure(output_dir: Path, experiment: str, error: BaseException, provenance: dict[str, Any]) -> Path:
+    """A failed run's results file: what failed and why, beside whatever it had written, so a sweep's
+    comparison reports the job as failed instead of missing."""
+    document = {
+        "experiment": experiment,
+        "status": "failed",
+        "error": {"type": type(error).__name__, "message": str(error), "traceback": traceback.format_exc(limit=-8)},
+        "metrics": {},
+        **provenance,
+    }
+    return _write_document(output_dir / "results" / f"{experiment}.json", document)
+
+
+def _write_document(path: Path, document: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_finite(redact_secrets(document)), indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    return path
 
 
 def _finite(value: Any) -> Any:

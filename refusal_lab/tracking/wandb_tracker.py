@@ -41,7 +41,7 @@ class NullTracker:
     def start(self) -> None:
         pass
 
-    def log(self, result: ExperimentResult, files: ResultFiles) -> None:
+    def log(self, stage: str, result: ExperimentResult, files: ResultFiles) -> None:
         pass
 
     def finish(self, failed: bool) -> None:
@@ -91,7 +91,8 @@ class WandbTracker:
             log.warning("W&B could not start (%s); results are still written to disk", error)
             self.run = None
 
-    def log(self, result: ExperimentResult, files: ResultFiles) -> None:
+    def log(self, stage: str, result: ExperimentResult, files: ResultFiles) -> None:
+        """One experiment's (or pipeline stage's) metrics, tables, pages and files, its tables and pages named for it."""
         if self.run is None:
             return
         try:
@@ -103,13 +104,13 @@ class WandbTracker:
                 if rows:
                     columns = table_columns(rows)
                     data = [[_cell(row.get(c)) for c in columns] for row in redact_secrets(rows)]
-                    self.run.log({f"{self.experiment}/{name}": wandb.Table(columns=columns, data=data)})
+                    self.run.log({f"{stage}/{name}": wandb.Table(columns=columns, data=data)})
             for name, path in files.files.items():
                 if path.suffix == ".html":
-                    self.run.log({f"{self.experiment}/{name}": wandb.Html(path.read_text(encoding="utf-8"))})
+                    self.run.log({f"{stage}/{name}": wandb.Html(path.read_text(encoding="utf-8"))})
                 elif path.suffix == ".png":
-                    self.run.log({f"{self.experiment}/{name}": wandb.Image(str(path))})
-            artifact = wandb.Artifact(f"{self.experiment}-results", type="results")
+                    self.run.log({f"{stage}/{name}": wandb.Image(str(path))})
+            artifact = wandb.Artifact(f"{stage}-results", type="results")
             artifact.add_file(str(files.results))
             for path in [*files.tables.values(), *files.files.values()]:
                 artifact.add_file(str(path))

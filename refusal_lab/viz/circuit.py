@@ -1,4 +1,4 @@
-"""``refusal_circuit.png``: the top components on the residual stream, from the prompt to the refusal decision.
+"""``results/<experiment>_circuit.png``: the top components on the residual stream, from the prompt to the refusal decision.
 
 Drawn with matplotlib alone, so it needs no browser. Layers run left to right along the residual
 stream; each top component sits at its layer, heads above the stream and MLPs below, sized and

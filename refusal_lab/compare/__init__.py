@@ -1,0 +1,59 @@
+"""Comparing the jobs of a multirun sweep: ``python -m refusal_lab.compare multirun/<date>/<time>_<name>``, and by
+itself at the end of every sweep (``refusal_lab.compare.callback.CompareCallback``, in conf/hydra/default.yaml).
+
+It gathers the job folders' results files, measures each job against its full-precision reference
+(``measures.py``), and writes ``comparison.json`` and ``comparison.html`` into the sweep folder, also
+to W&B in the sweep's group where the jobs logged there.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from refusal_lab.compare.measures import compare, gather
+from refusal_lab.compare.report import log_to_wandb, write_comparison
+
+__all__ = ["compare_sweep"]
+
+log = logging.getLogger(__name__)
+
+
+def compare_sweep(folder: str | Path, wandb: bool = True) -> dict[str, Any]:
+    """Compare the jobs of ``folder``, write the report, and return the comparison document."""
+    folder = Path(folder)
+    jobs = gather(folder)
+    document = compare(jobs)
+    results, page = write_comparison(folder, document)
+    where = log_to_wandb(jobs, document, page, folder) if wandb else None
+    for row in document["jobs"]:
+        log.info("%s", summary_line(row))
+    log.info("Comparison:  %s", results)
+    log.info("Report:      %s", page)
+    if where:
+        log.info("W&B run:     %s", where)
+    if document["n_failed"]:
+        log.error("%d of %d jobs failed or left no results: %s", document["n_failed"], len(jobs),
+                  ", ".join(r["job"] for r in document["jobs"] if r["status"] != "finished"))
+    return document
+
+
+def summary_line(row: dict[str, Any]) -> str:
+    """One job in a line: its status, then the figures that answer whether the mechanism survived."""
+    if row["status"] != "finished":
+        return f"{row['job']}: {row['status']}" + (f" ({'; '.join(row['failures'].values())})" if row["failures"] else "")
+    parts = [f"{row['job']} [{row['precision']}]"]
+    for key, label, form in (
+        ("refusal_rate/harmful", "refused harmful", "{:.0%}"), ("refusal_rate/harmless", "harmless", "{:.0%}"),
+        ("refusal_score/separation", "separation", "{:.2f}"),
+        ("patching/harmless_to_harmful/spearman", "patching rho vs fp32", "{:.3f}"),
+        ("patching/harmless_to_harmful/top_k_overlap", "top-10 overlap", "{:.0%}"),
+        ("direction/cosine_with_reference", "direction cosine", "{:.3f}"),
+        ("direction/harmful/ablation/refusal_rate", "refused when ablated", "{:.0%}"),
+        ("direction/harmless/addition/refusal_rate", "refused when added", "{:.0%}"),
+        ("ablation/top/refusal_rate", "refused, top-k ablated", "{:.0%}"),
+    ):
+        if row.get(key) is not None:
+            parts.append(f"{label} {form.format(row[key])}")
+    return ", ".join(parts)

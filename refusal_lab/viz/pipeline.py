@@ -1,0 +1,44 @@
+"""The pipeline's dashboard: one page that says what each stage found and links to the stage's own dashboard."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from refusal_lab.viz.page import Page
+
+# The figures each stage's section shows first (every metric is in the stage's results file).
+HEADLINES = {
+    "baseline": ["refusal_rate/harmful", "refusal_rate/harmless", "refusal_score/separation", "refusal_score/auroc"],
+    "patching": ["patching/n_pairs", "patching/harmless_to_harmful/top_effect", "patching/harmful_to_harmless/top_effect"],
+    "attribution": ["attribution/n_pairs", "attribution/harmless_to_harmful/top_effect", "attribution/harmful_to_harmless/top_effect"],
+    "ablation": ["ablation/k0/refusal_rate"],
+    "direction": ["direction/chosen/layer", "direction/chosen/position", "direction/harmful/none/refusal_rate",
+                  "direction/harmful/ablation/refusal_rate", "direction/harmless/none/refusal_rate",
+                  "direction/harmless/addition/refusal_rate", "direction/harmless/ablation/kl"],
+}
+
+
+def write_pipeline_dashboard(rows: list[dict[str, Any]], metrics: dict[str, dict[str, float]], path: Path) -> Path:
+    page = Page("The refusal study, stage by stage")
+    page.facts([("stages", " -> ".join(r["stage"] for r in rows)),
+                ("time", f"{sum(r['seconds'] for r in rows):.0f} s on one loaded model")])
+    for row in rows:
+        page.heading(f"{row['stage']} ({row['seconds']:.0f} s, split {row['split'] or 'several'}, {row['n_prompts']} prompts)")
+        links = [f"<a href='{html.escape(_relative(row[key], path))}'>{label}</a>"
+                 for key, label in (("dashboard", "dashboard"), ("results", "results file")) if row[key]]
+        page.raw("<p>" + " · ".join(links) + "</p>")
+        shown = [(key, value) for key, value in metrics[row["stage"]].items() if key in HEADLINES.get(row["stage"], []) or _is_curve(row["stage"], key)]
+        page.facts([(key, f"{value:.3f}" if isinstance(value, float) else value) for key, value in shown])
+    return page.write(path)
+
+
+def _is_curve(stage: str, key: str) -> bool:
+    """Ablation's refusal rate with the top-k and the random k ablated, for every k."""
+    return stage == "ablation" and key.endswith("/refusal_rate") and ("/top/" in key or "/random/" in key)
+
+
+def _relative(target: str, page: Path) -> str:
+    """A link from the page (in results/) to a file given relative to the job folder."""
+    return Path(target).name if Path(target).parent.name == page.parent.name else f"../{target}"
