@@ -35,6 +35,7 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("package_data", lambda: str(DATA_DIR), replace=True)
     OmegaConf.register_new_resolver("cache_root", default_cache_dir, replace=True)
     OmegaConf.register_new_resolver("swept", swept_name, replace=True)
+    OmegaConf.register_new_resolver("cores_per_job", lambda jobs: max(1, (os.cpu_count() or 1) // max(1, int(jobs))), replace=True)
 
 
 def swept_name(overrides: Any, fallback: str) -> str:

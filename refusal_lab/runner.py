@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import torch
 from omegaconf import DictConfig
 from transformers import set_seed
 
@@ -52,6 +53,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def _run(cfg: DictConfig, job: JobInfo, record: dict[str, Any], started: float) -> dict[str, Any]:
     set_seed(int(cfg.seed))
+    if cfg.get("threads") is not None:
+        torch.set_num_threads(int(cfg.threads))  # jobs in parallel processes share the cores
     name = str(cfg.experiment.name)
     # Cheap checks first (prompts, every stage's settings, judge, tracker settings), then the model short of its weights.
     prompt_set = load_prompt_set(cfg.prompts.path, cfg.prompts.get("name"))

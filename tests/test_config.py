@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from refusal_lab.config import CONF_DIR, DATA_DIR, REDACTED, plain_config, redact_overrides, redact_secrets
 from tests.helpers import REPO_ROOT, compose_config
 
-GROUPS = ["model", "quant", "prompts", "experiment", "logger", "debug", "sweep", "study", "paths", "hydra"]
+GROUPS = ["model", "quant", "prompts", "experiment", "logger", "debug", "sweep", "study", "launcher", "paths", "hydra"]
 
 
 def options(group: str) -> list[str]:
@@ -20,7 +20,7 @@ def options(group: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "group,option", [(g, o) for g in GROUPS if g not in ("paths", "hydra") for o in options(g)]
+    "group,option", [(g, o) for g in GROUPS if g not in ("paths", "hydra", "launcher") for o in options(g)]
 )
 def test_every_group_option_composes_and_resolves(group: str, option: str, tmp_path: Path) -> None:
     overrides = [f"{group}={option}"]
@@ -40,6 +40,28 @@ def test_every_group_option_composes_and_resolves(group: str, option: str, tmp_p
     if group == "debug":
         assert resolved["logger"]["name"] == "none"
         assert resolved["prompts"]["limit"] is not None
+
+
+LAUNCHERS = {"processes": "hydra_joblib_launcher", "submitit_local": "hydra_submitit_launcher",
+             "slurm": "hydra_submitit_launcher", "ray": "hydra_ray_launcher"}
+
+
+@pytest.mark.parametrize("option", options("launcher"))
+def test_every_launcher_composes_and_shares_the_cores(option: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    plugin = LAUNCHERS[option]
+    if importlib.util.find_spec(f"hydra_plugins.{plugin}") is None:
+        pytest.skip(f"{plugin} is not installed (pip install '.[launchers]')")
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose(config_name="config", overrides=[f"launcher={option}"], return_hydra_config=True)
+    assert plugin in cfg.hydra.launcher._target_
+    HydraConfig.instance().set_config(cfg)  # as in a job, where ${hydra:...} resolves
+    assert int(cfg.threads) >= 1
 
 
 def test_defaults_are_the_pipeline_on_the_organism(tmp_path: Path) -> None:
@@ -88,6 +110,7 @@ def test_pipeline_stages_keep_their_own_settings_and_splits(tmp_path: Path) -> N
     (["experiment.stages=[]"], "must list some of baseline, patching, attribution, ablation, direction"),
     (["+experiment.nonsense=1"], "experiment.nonsense is a setting of none of the stages"),
     (["stages.ablation.experiment.splits.evaluation=val"], "experiment.splits.selection and .evaluation must differ"),
+    (["prompts.split=test"], "prompts.split=test: in the pipeline each stage chooses its split"),
 ])
 def test_pipeline_settings_are_checked_before_anything_loads(overrides: list[str], message: str, tmp_path: Path) -> None:
     from refusal_lab.errors import ConfigError

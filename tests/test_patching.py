@@ -221,7 +221,7 @@ def test_attribution_experiment(tmp_path: Path, embedded_model_dir: Path) -> Non
     cfg = compose_config(
         [
             "experiment=attribution", "model=smollm2", f"model.path={embedded_model_dir}",  # W&B offline (conftest)
-            "prompts.limit=1", "experiment.layers=[20,30]", "experiment.min_gap=0.1", "prompts.split=null", "experiment.bootstrap.resamples=20",
+            "prompts.limit=1", "experiment.layers=[20,30]", "experiment.min_gap=0.1", "prompts.split=train", "experiment.bootstrap.resamples=20",
         ],
         tmp_path,
     )
@@ -240,7 +240,7 @@ def test_patching_experiment_writes_effects_ranked_components_and_checks_itself(
     cfg = compose_config(
         [
             "experiment=patching", "model=smollm2", f"model.path={embedded_model_dir}", "logger=none",
-            "prompts.limit=2", "experiment.layers=[26,30]", "experiment.min_gap=0.1", "prompts.split=null", "experiment.verify_variants=4",
+            "prompts.limit=2", "experiment.layers=[26,30]", "experiment.min_gap=0.1", "prompts.split=train", "experiment.verify_variants=4",
             "experiment.bootstrap.resamples=50",
         ],
         tmp_path / "run",
@@ -289,7 +289,7 @@ def test_activation_cache_reuses_runs_and_never_serves_stale_ones(tmp_path: Path
 
     overrides = [
         "experiment=patching", "model=smollm2", f"model.path={embedded_model_dir}", "logger=none", "prompts.limit=1",
-        "experiment.layers=[28,30]", "experiment.min_gap=0.1", "prompts.split=null", "experiment.sweeps=[mlp]", "experiment.compare_with=null",
+        "experiment.layers=[28,30]", "experiment.min_gap=0.1", "prompts.split=train", "experiment.sweeps=[mlp]", "experiment.compare_with=null",
         "experiment.activation_cache=true", f"paths.cache_dir={tmp_path / 'cache'}", "experiment.bootstrap.resamples=10",
     ]
     first = json.loads(Path(run(compose_config(overrides, tmp_path / "a"))["results_path"]).read_text())["details"]

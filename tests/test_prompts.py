@@ -43,8 +43,10 @@ def test_selections(tmp_path: Path) -> None:
     assert {r.split for r in test.records} == {"test"}
     weapons = prompts.select(categories=["weapons", "cyber"])
     assert set(weapons.categories) == {"weapons", "cyber"}
-    limited = prompts.select(limit=3)
-    assert len(limited.pairs()) == 3 and len(limited) == 6
+    limited = prompts.select(limit=3)  # the first 3 pairs of each split: every split keeps some
+    assert len(limited.pairs()) == 9 and len(limited) == 18
+    assert {split: len(limited.select(split=split).pairs()) for split in ("train", "val", "test")} == {"train": 3, "val": 3, "test": 3}
+    assert len(prompts.select(split="val", limit=3).pairs()) == 3
     with pytest.raises(ConfigError, match="known: cyber"):
         prompts.select(categories=["nope"])
     with pytest.raises(ConfigError, match="one of train, val, test"):

@@ -115,6 +115,23 @@ def test_four_jobs_in_one_process_release_what_they_loaded(embedded_model_dir: P
         assert record_of(records, "exit").exit.exit_code == 0, "each job finishes its own W&B run"
 
 
+@pytest.mark.parametrize("launcher", ["processes", "submitit_local"])
+def test_a_multirun_on_a_launcher_runs_its_jobs_in_processes_of_their_own(launcher: str, embedded_model_dir: Path, tmp_path: Path) -> None:
+    out = run_cli(["-m", "experiment=baseline", "seed=0,1", "model=smollm2", "debug=default", "logger=wandb", f"launcher={launcher}"], tmp_path)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    documents = [json.loads(p.read_text()) for p in sorted((tmp_path / "multirun").glob("*/results/baseline.json"))]
+    assert [d["status"] for d in documents] == ["finished", "finished"] and [d["seed"] for d in documents] == [0, 1]
+    assert len({d["process"]["pid"] for d in documents}) == 2, "each job ran in a process of its own"
+    assert all(d["config"]["threads"] >= 1 for d in documents)
+    for document in documents:
+        records = read_wandb_records(wandb_run_file(Path(document["job"]["output_dir"])))
+        assert record_of(records, "exit").exit.exit_code == 0
+    comparison = json.loads((tmp_path / "multirun" / "comparison.json").read_text())
+    assert [row["status"] for row in comparison["jobs"]] == ["finished", "finished"], "the comparison ran at the sweep's end"
+    if launcher == "submitit_local":
+        assert list((tmp_path / "multirun" / ".submitit").iterdir()), "submitit kept its job records in the sweep folder"
+
+
 def test_a_bad_job_fails_alone_in_a_multirun(embedded_model_dir: Path, tmp_path: Path) -> None:
     out = run_cli(["-m", "experiment=baseline", "prompts.split=nope,test", "model=smollm2", "debug=default", "logger=none"], tmp_path)
     log = out.stdout + out.stderr

@@ -47,6 +47,7 @@ def summary_line(row: dict[str, Any]) -> str:
     for key, label, form in (
         ("refusal_rate/harmful", "refused harmful", "{:.0%}"), ("refusal_rate/harmless", "harmless", "{:.0%}"),
         ("refusal_score/separation", "separation", "{:.2f}"),
+        ("patching/layers", "layers", "{}"), ("patching/harmless_to_harmful/top", "top harmless->harmful", "{}"),
         ("patching/harmless_to_harmful/spearman", "patching rho vs fp32", "{:.3f}"),
         ("patching/harmless_to_harmful/top_k_overlap", "top-10 overlap", "{:.0%}"),
         ("direction/cosine_with_reference", "direction cosine", "{:.3f}"),

@@ -44,6 +44,9 @@ def plan_stages(cfg: DictConfig, prompt_set: PromptSet) -> list[Stage]:
     name = str(cfg.experiment.name)
     if name != PIPELINE:
         return [prepare(name, cfg, prompt_set)]
+    if cfg.prompts.get("split") is not None:
+        raise ConfigError(f"prompts.split={cfg.prompts.split}: in the pipeline each stage chooses its split "
+                          "(stages.<stage>.prompts.split); keep prompts.split=null, or run one experiment (experiment=baseline)")
     stages = list(cfg.experiment.get("stages") or [])
     available = list(cfg.get("stages") or {})
     if not stages or len(set(stages)) != len(stages):
