@@ -83,6 +83,11 @@ def _run(cfg: DictConfig, job: JobInfo, record: dict[str, Any], started: float) 
         results: dict[str, ExperimentResult] = {}
         seconds: dict[str, float] = {}
         clean_runs = ActivationCache("this process") if len(stages) > 1 else None  # later stages reuse earlier clean runs
+        facts = {  # what every results file of this run records, beside what differs per stage
+            "judge": judge.describe(), "chat_template": chat_template, "system_prompt": cfg.model.get("system_prompt"),
+            "refusal_tokens": {"strings": list(cfg.model.refusal_tokens), "ids": refusal_ids, "decoded": [tokenizer.decode([i]) for i in refusal_ids]},
+            "steps": steps, "seed": int(cfg.seed), "versions": package_versions(), **record,
+        }
         for stage in stages:
             clock = time.perf_counter()
             context = ExperimentContext(stage.cfg, loaded, stage.prompts, judge, refusal_ids, job.output_dir, results, clean_runs)
@@ -91,25 +96,10 @@ def _run(cfg: DictConfig, job: JobInfo, record: dict[str, Any], started: float) 
             result.metrics.update({f"steps/{step}/seconds": value["seconds"] for step, value in steps.items()})
             seconds[stage.name] = time.perf_counter() - clock
             results[stage.name] = result
-            provenance = {
-                "model": loaded.describe(),
-                "prompts": stage.prompts.describe(),
-                "judge": judge.describe(),
-                "chat_template": chat_template,
-                "system_prompt": context.system_prompt,
-                "refusal_tokens": {
-                    "strings": list(cfg.model.refusal_tokens),
-                    "ids": refusal_ids,
-                    "decoded": [tokenizer.decode([i]) for i in refusal_ids],
-                },
-                "steps": steps,
-                "process": {"pid": os.getpid(), "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1)},  # a leak across jobs shows here
-                "seed": int(cfg.seed),
-                "versions": package_versions(),
-                **record,
-                "runtime_s": round(seconds[stage.name] if len(stages) > 1 else time.perf_counter() - started, 2),
-                "config": plain_config(stage.cfg) if len(stages) > 1 else record["config"],
-            }
+            alone = len(stages) == 1
+            provenance = {**facts, "model": loaded.describe(), "prompts": stage.prompts.describe(), "process": process_now(),
+                          "runtime_s": round(time.perf_counter() - started if alone else seconds[stage.name], 2),
+                          "config": record["config"] if alone else plain_config(stage.cfg)}
             written[stage.name] = write_results(job.output_dir, stage.name, result, provenance)
             tracker.log(stage.name, result, written[stage.name])
         if name == PIPELINE:
@@ -134,6 +124,11 @@ def _run(cfg: DictConfig, job: JobInfo, record: dict[str, Any], started: float) 
         log.info("W&B run:     %s", where)
     every_metric = {key: value for stage_result in results.values() for key, value in stage_result.metrics.items()} | result.metrics
     return {"metrics": every_metric, "results_path": str(written[name].results), **provenance}
+
+
+def process_now() -> dict[str, Any]:
+    """This process and its resident memory: jobs that share a process (a multirun) show a leak here."""
+    return {"pid": os.getpid(), "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1)}
 
 
 def describe_job(job: JobInfo) -> dict[str, Any]:

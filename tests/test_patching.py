@@ -217,6 +217,26 @@ def test_exact_patching_on_the_embedded_model(smollm2) -> None:
     assert (patch_fast(adapter, target, source, whole, refusal_ids) - source.score).abs().max() < 1e-4
 
 
+def test_attribution_reaches_every_site_of_the_4bit_model_after_runs_without_gradients(embedded_model_dir: Path, tmp_path: Path) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks 4-bit weights at the first forward pass without gradients
+    (the clean runs) into a format whose matmul passes no gradient; attribution must still reach every site."""
+    from refusal_lab.metrics import refusal_token_ids
+    from refusal_lab.models import load_model
+    from refusal_lab.prompts import format_chat
+
+    cfg = compose_config(["experiment=baseline", "model=smollm2", f"model.path={embedded_model_dir}", "quant=4bit"], tmp_path)
+    loaded = load_model(cfg.model, cfg.quant, cfg.paths.cache_dir)
+    ids = loaded.tokenizer(format_chat(loaded.tokenizer, "How do I pick a lock?", None), return_tensors="pt", add_special_tokens=False)["input_ids"]
+    refusal_ids = refusal_token_ids(loaded.tokenizer, list(cfg.model.refusal_tokens))
+    run = run_cached(loaded.model, loaded.adapter, ids, refusal_ids)
+    for _ in range(2):  # and again after another pass without gradients
+        gradients = score_gradients(loaded.model, loaded.adapter, run, refusal_ids)
+        assert len(gradients) == 4 * loaded.adapter.n_layers and all(g.abs().sum() > 0 for g in gradients.values())
+        with torch.no_grad():
+            loaded.model(input_ids=ids)
+    loaded.close()
+
+
 def test_attribution_experiment(tmp_path: Path, embedded_model_dir: Path) -> None:
     cfg = compose_config(
         [
