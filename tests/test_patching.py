@@ -217,9 +217,9 @@ def test_exact_patching_on_the_embedded_model(smollm2) -> None:
     assert (patch_fast(adapter, target, source, whole, refusal_ids) - source.score).abs().max() < 1e-4
 
 
-def test_attribution_reaches_every_site_of_the_4bit_model_after_runs_without_gradients(embedded_model_dir: Path, tmp_path: Path) -> None:
-    """On a CPU with AVX512-BF16, bitsandbytes repacks 4-bit weights at the first forward pass without gradients
-    (the clean runs) into a format whose matmul passes no gradient; attribution must still reach every site."""
+def test_the_4bit_model_keeps_one_kernel_so_attribution_reaches_every_site(embedded_model_dir: Path, tmp_path: Path) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes would repack 4-bit weights at the first pass without gradients (a clean
+    run) into a format whose matmul passes no gradient and rounds differently; the loader keeps them unpacked."""
     from refusal_lab.metrics import refusal_token_ids
     from refusal_lab.models import load_model
     from refusal_lab.prompts import format_chat
@@ -228,12 +228,15 @@ def test_attribution_reaches_every_site_of_the_4bit_model_after_runs_without_gra
     loaded = load_model(cfg.model, cfg.quant, cfg.paths.cache_dir)
     ids = loaded.tokenizer(format_chat(loaded.tokenizer, "How do I pick a lock?", None), return_tensors="pt", add_special_tokens=False)["input_ids"]
     refusal_ids = refusal_token_ids(loaded.tokenizer, list(cfg.model.refusal_tokens))
-    run = run_cached(loaded.model, loaded.adapter, ids, refusal_ids)
-    for _ in range(2):  # and again after another pass without gradients
-        gradients = score_gradients(loaded.model, loaded.adapter, run, refusal_ids)
-        assert len(gradients) == 4 * loaded.adapter.n_layers and all(g.abs().sum() > 0 for g in gradients.values())
-        with torch.no_grad():
-            loaded.model(input_ids=ids)
+    first = run_cached(loaded.model, loaded.adapter, ids, refusal_ids)
+    before = score_gradients(loaded.model, loaded.adapter, first, refusal_ids)
+    with torch.no_grad():
+        loaded.model(input_ids=ids)
+    again = run_cached(loaded.model, loaded.adapter, ids, refusal_ids)
+    after = score_gradients(loaded.model, loaded.adapter, again, refusal_ids)
+    assert again.score == first.score, "passes without gradients keep the same kernel"
+    assert len(after) == 4 * loaded.adapter.n_layers and all(g.abs().sum() > 0 for g in after.values())
+    assert all(torch.equal(before[site], after[site]) for site in before)
     loaded.close()
 
 

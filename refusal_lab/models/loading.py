@@ -16,6 +16,7 @@ from refusal_lab.errors import ConfigError
 from refusal_lab.quiet import cpu_4bit_notice
 from refusal_lab.models.adapters import ArchitectureAdapter, adapter_for
 from refusal_lab.models.adapters.base import text_config
+from refusal_lab.models.quantized import keep_4bit_weights_unpacked
 from refusal_lab.models.precision import Precision, resolve_precision
 from refusal_lab.models.sources import ModelSource, resolve_source
 
@@ -163,9 +164,12 @@ def load_weights(model_cfg: Any, plan: ModelPlan) -> LoadedModel:
         raise ConfigError(f"could not load {source.description}: {error}") from error
     model.eval()
     model.requires_grad_(False)
-    notice = cpu_4bit_notice() if precision.bits == 4 and "cpu" in {p.device.type for p in model.parameters()} else None
+    on_cpu = "cpu" in {p.device.type for p in model.parameters()}
+    notice = cpu_4bit_notice() if precision.bits == 4 and on_cpu else None
     if notice:
         log.info("%s", notice)
+    if precision.bits == 4 and on_cpu:
+        keep_4bit_weights_unpacked(model)  # gradients (attribution) and the same rounding in every pass
     if precision.bits == 8 and precision.dtype == torch.float32:
         log.info("bitsandbytes int8: activations are cast to fp16 inside each quantized matmul (its per-matmul notice is silenced)")
     loaded = LoadedModel(

@@ -18,7 +18,6 @@ from scipy.stats import spearmanr
 from refusal_lab.interventions import SITE_KINDS, Site, capture
 from refusal_lab.metrics.refusal_score import refusal_score
 from refusal_lab.models.adapters import ArchitectureAdapter
-from refusal_lab.models.quantized import unpack_4bit_for_gradients
 from refusal_lab.patching.engine import CachedRun, Variant
 
 
@@ -31,7 +30,6 @@ def score_gradients(model: torch.nn.Module, adapter: ArchitectureAdapter, run: C
         return output.detach().requires_grad_(True)
 
     sites = [Site(kind, layer) for kind in kinds for layer in range(adapter.n_layers)]
-    unpack_4bit_for_gradients(model)
     handle = adapter.embed.register_forward_hook(differentiable)
     try:
         with torch.enable_grad(), capture(adapter, sites, kept, detach=False):
