@@ -86,3 +86,12 @@ def test_ablation_experiment_ranks_ablates_and_controls(embedded_model_dir: Path
     again = run(compose_config([*overrides, f"experiment.components_from={ranking_file}", "experiment.ks=[1]", "experiment.random_draws=0", "experiment.mode=zero"], tmp_path / "second"))
     second = json.loads(Path(again["results_path"]).read_text())["details"]
     assert second["ranking"]["from"] == str(ranking_file) and second["curve"][1]["components"] == top2["components"][:1]
+
+    # In a band of two layers the two MLPs are the whole pool: k=2 has no random control of its kind and is
+    # skipped with the reason, k=1 is measured against the other MLP of the band.
+    band = run(compose_config([*overrides, f"experiment.components_from={ranking_file}", "experiment.layers=[28,30]", "experiment.kinds=[mlp]",
+                               "experiment.mode=zero"], tmp_path / "band"))
+    third = json.loads(Path(band["results_path"]).read_text())["details"]
+    assert [(p["k"], p["condition"]) for p in third["curve"]] == [(0, "none"), (1, "top"), (1, "random")]
+    assert "2" in third["ranking"]["skipped_ks"] and third["ranking"]["layers"] == [28, 30]
+    assert {third["curve"][1]["components"][0], third["curve"][2]["components"][0]} == {"L28 mlp", "L29 mlp"}

@@ -53,7 +53,8 @@ def summary_line(row: dict[str, Any]) -> str:
         ("direction/cosine_with_reference", "direction cosine", "{:.3f}"),
         ("direction/harmful/ablation/refusal_rate", "refused when ablated", "{:.0%}"),
         ("direction/harmless/addition/refusal_rate", "refused when added", "{:.0%}"),
-        ("ablation/top/refusal_rate", "refused, top-k ablated", "{:.0%}"),
+        ("ablation/k", "ablated k", "{}"), ("ablation/top/refusal_rate", "refused, top-k ablated", "{:.0%}"),
+        ("ablation/random/refusal_rate", "k random ablated", "{:.0%}"),
     ):
         if row.get(key) is not None:
             parts.append(f"{label} {form.format(row[key])}")

@@ -77,13 +77,21 @@ def run_ablation(context: ExperimentContext) -> ExperimentResult:
     measure = Measurer(context, records, n_post, reference)
     rng = random.Random(int(context.cfg.seed))
     curve = [{"k": 0, "condition": "none", "components": [], **measure([], "none")}]
+    ranking["skipped_ks"] = {}
     for k in ks:
         top = ranked[:k]
+        try:  # the controls first: a narrow band of layers may hold too few other components of the same kinds
+            controls = [random_like(top, band, context.model.adapter.n_heads, rng, exclude=top) for _ in range(int(exp.random_draws))]
+        except ConfigError as error:
+            log.warning("k=%d skipped: no random control of the same kinds in layers %d-%d (%s)", k, band[0], band[-1], error)
+            ranking["skipped_ks"][k] = str(error)
+            continue
         curve.append({"k": k, "condition": "top", "components": [c.label for c in top], **measure(top, f"top {k}")})
-        for draw in range(int(exp.random_draws)):
-            control = random_like(top, band, context.model.adapter.n_heads, rng, exclude=top)
+        for draw, control in enumerate(controls):
             curve.append({"k": k, "condition": "random", "draw": draw, "components": [c.label for c in control],
                           **measure(control, f"random {k}, draw {draw}")})
+    if len(curve) == 1:
+        raise ConfigError(f"no k of experiment.ks={list(exp.ks)} has a random control of the same kinds in layers {band[0]}-{band[-1]}; use smaller ks")
     return write(context, ranking, curve, measure.rows)
 
 
