@@ -60,6 +60,7 @@ def test_every_launcher_composes_and_shares_the_cores(option: str, tmp_path: Pat
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = compose(config_name="config", overrides=[f"launcher={option}"], return_hydra_config=True)
     assert plugin in cfg.hydra.launcher._target_
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # restored afterwards: later tests run outside Hydra
     HydraConfig.instance().set_config(cfg)  # as in a job, where ${hydra:...} resolves
     assert int(cfg.threads) >= 1
 

@@ -259,8 +259,16 @@ def write(context: ExperimentContext, selection: dict[str, Any], vectors: dict[s
     return ExperimentResult(metrics=metrics, details=details, tables={"completions": rows} if rows else {}, files=files)
 
 
+# Every run logs these keys, NaN where nothing was chosen (or exported), so a sweep's W&B runs line up.
+OUTCOME_KEYS = [f"direction/{key}/{measure}" for key in ("harmful/none", "harmful/ablation", "harmless/none", "harmless/addition")
+                for measure in ("refusal_rate", "refusal_score")]
+COST_KEYS = [f"direction/harmless/ablation/{k}" for k in ("kl", "kl_median", "kl_where_answered", "kl_where_refused", "cross_entropy_change")]
+CHOICE_KEYS = [f"direction/chosen/{k}" for k in ("layer", "position", "bypass", "induce", "kl", "norm")]
+
+
 def direction_metrics(selection: dict[str, Any], outcome: dict[str, Any], exported: dict[str, Any]) -> dict[str, float]:
     metrics: dict[str, float] = {f"direction/candidates/{k}": float(v) for k, v in selection["filtered"].items()}
+    metrics.update(dict.fromkeys([*CHOICE_KEYS, *OUTCOME_KEYS, *COST_KEYS, "direction/export/max_abs_logit_diff"], float("nan")))
     chosen = selection["chosen"]
     if chosen is None:
         return metrics
