@@ -28,10 +28,9 @@ class Component:
         return f"L{self.layer}H{self.head}" if self.kind == "head" else f"L{self.layer} {self.kind}"
 
 
-def from_ranked(rows: Sequence[dict[str, Any]], kinds: Sequence[str], k: int, layers: Sequence[int] | None = None) -> list[Component]:
-    """The first ``k`` components of a patching run's ranked list (largest effect first) of the ``kinds`` given, in ``layers``."""
-    chosen = [Component(r["kind"], int(r["layer"]), r.get("head")) for r in rows
-              if r["kind"] in kinds and (layers is None or int(r["layer"]) in layers)]
+def from_ranked(rows: Sequence[dict[str, Any]], kinds: Sequence[str], k: int) -> list[Component]:
+    """The first ``k`` components of a patching run's ranked list (largest effect first) of the ``kinds`` given."""
+    chosen = [Component(r["kind"], int(r["layer"]), r.get("head")) for r in rows if r["kind"] in kinds]
     return chosen[:k]
 
 

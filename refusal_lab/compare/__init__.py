@@ -26,7 +26,7 @@ def compare_sweep(folder: str | Path, wandb: bool = True) -> dict[str, Any]:
     jobs = gather(folder)
     document = compare(jobs)
     results, page = write_comparison(folder, document)
-    where = log_to_wandb(jobs, document, page, folder) if wandb else None
+    where = log_to_wandb(jobs, document, results, page, folder) if wandb else None
     for row in document["jobs"]:
         log.info("%s", summary_line(row))
     log.info("Comparison:  %s", results)

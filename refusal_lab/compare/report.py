@@ -4,14 +4,16 @@ sweep folder, and, where the jobs logged to W&B, one more run in the sweep's gro
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
-from refusal_lab.compare.measures import Job
-from refusal_lab.viz.comparison import write_comparison_page
+from omegaconf import OmegaConf
 
-log = logging.getLogger(__name__)
+from refusal_lab.compare.measures import Job
+from refusal_lab.experiments.result import ExperimentResult
+from refusal_lab.tracking.results import ResultFiles
+from refusal_lab.tracking.wandb_tracker import JobInfo, WandbTracker
+from refusal_lab.viz.comparison import write_comparison_page
 
 
 def write_comparison(folder: Path, document: dict[str, Any]) -> tuple[Path, Path]:
@@ -20,28 +22,20 @@ def write_comparison(folder: Path, document: dict[str, Any]) -> tuple[Path, Path
     return results, write_comparison_page(document, folder / "comparison.html")
 
 
-def log_to_wandb(jobs: list[Job], document: dict[str, Any], page: Path, folder: Path) -> str | None:
-    """A ``comparison`` run in the jobs' W&B group (their project, entity and mode): the table and the report.
-    Skipped where the jobs did not log to W&B; a W&B failure is a warning, never a lost report."""
+def log_to_wandb(jobs: list[Job], document: dict[str, Any], results: Path, page: Path, folder: Path) -> str | None:
+    """A ``comparison`` run in the jobs' W&B group (their project, entity and mode), through the jobs' own tracker:
+    the jobs table and the report. Skipped where the jobs did not log to W&B; a W&B failure is a warning."""
     logged = [r for job in jobs for r in job.results.values() if (r.config.get("logger") or {}).get("name") == "wandb"]
     if not logged:
         return None
-    settings, group = logged[0].config["logger"], logged[0].document.get("job", {}).get("sweep")
-    try:
-        import wandb
-
-        run = wandb.init(project=settings.get("project"), entity=settings.get("entity"), group=group, job_type="comparison",
-                         name="comparison", dir=str(folder), mode=settings.get("mode") or "offline", reinit="finish_previous",
-                         settings=wandb.Settings(console="off", silent=True))
-        columns = table_columns(document["jobs"])
-        run.log({"comparison/jobs": wandb.Table(columns=columns, data=[[_cell(row.get(c)) for c in columns] for row in flat_rows(document)]),
-                 "comparison/report": wandb.Html(page.read_text(encoding="utf-8"))})
-        where = run.dir
-        run.finish()
-        return str(Path(where).parent)
-    except Exception as error:  # noqa: BLE001 - the report on disk is complete
-        log.warning("W&B logging of the comparison failed (%s); %s is complete", error, page)
-        return None
+    job = JobInfo(output_dir=folder, sweep_name=logged[0].document.get("job", {}).get("sweep"), name="comparison")
+    tracker = WandbTracker(OmegaConf.create(logged[0].config["logger"]), job, "comparison", {"sweep_folder": str(folder)})
+    tracker.start()
+    tracker.log("comparison", ExperimentResult(metrics={}, tables={"jobs": flat_rows(document)}, files={"report": page}),
+                ResultFiles(results, {}, {"report": page}))
+    where = tracker.describe()
+    tracker.finish(failed=False)
+    return where
 
 
 def flat_rows(document: dict[str, Any]) -> list[dict[str, Any]]:
@@ -53,14 +47,3 @@ def flat_rows(document: dict[str, Any]) -> list[dict[str, Any]]:
         flat["failures"] = "; ".join(f"{k}: {v}" for k, v in row["failures"].items())
         rows.append(flat)
     return rows
-
-
-def table_columns(rows: list[dict[str, Any]]) -> list[str]:
-    columns: dict[str, None] = {}
-    for row in flat_rows({"jobs": rows}):
-        columns.update(dict.fromkeys(row))
-    return list(columns)
-
-
-def _cell(value: Any) -> Any:
-    return value if isinstance(value, (str, int, float, bool)) or value is None else json.dumps(value)

@@ -53,8 +53,6 @@ def check_ablation(cfg: DictConfig) -> None:
         raise ConfigError(f"experiment.ks={list(exp.ks or [])} must list component counts of at least 1")
     if set(exp.kinds) - set(KINDS) or not exp.kinds:
         raise ConfigError(f"experiment.kinds={list(exp.kinds or [])} must name some of: {', '.join(KINDS)}")
-    if exp.get("layers") is not None:
-        layer_range(exp.layers, None, "experiment.layers")  # the form now; the bounds once the model's depth is known
     source = exp.get("components_from")
     if source and not Path(str(source)).is_file():
         raise ConfigError(f"experiment.components_from={source} is not a file; give a patching results file (results/patching.json) or null")
@@ -136,11 +134,12 @@ def ranked_components(context: ExperimentContext, band: list[int]) -> tuple[list
         rows, where = context.earlier["patching"].details["ranked"][direction], f"the patching stage of this run ({exp.splits.selection} split)"
     else:
         rows, where = patch_selection_split(context), f"exact patching of the {exp.splits.selection} split in this run"
-    components = from_ranked(rows, list(exp.kinds), max(int(k) for k in exp.ks), band)
+    in_band = [r for r in rows if int(r["layer"]) in band]
+    components = from_ranked(in_band, list(exp.kinds), max(int(k) for k in exp.ks))
     if not components:
         raise ConfigError(f"the ranking from {where} has no {list(exp.kinds)} components in direction {direction} in layers {band[0]}-{band[-1]}")
     log.info("Ablating from %s: %s", where, ", ".join(c.label for c in components))
-    top = [r for r in rows if r["kind"] in exp.kinds and int(r["layer"]) in band][: len(components)]
+    top = [r for r in in_band if r["kind"] in exp.kinds][: len(components)]
     return components, {"from": where, "direction": direction, "layers": [band[0], band[-1] + 1], "top": top}
 
 

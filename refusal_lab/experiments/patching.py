@@ -103,8 +103,6 @@ def check_settings(cfg: DictConfig) -> Settings:
         )
     if exp.get("max_pairs") is not None and int(exp.max_pairs) < 1:
         raise ConfigError(f"experiment.max_pairs={exp.max_pairs} must be at least 1 (or null for every pair)")
-    if exp.get("layers") is not None:
-        layer_range(exp.layers, None, "experiment.layers")  # the form now; the bounds once the model's depth is known
     return Settings(str(exp.name), sweeps, names(exp.directions, DIRECTIONS, "experiment.directions"), method, other, compared, str(exp.engine))
 
 

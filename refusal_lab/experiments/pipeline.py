@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from refusal_lab.config import check_positive_settings
+from refusal_lab.config import check_positive_settings, layer_range
 from refusal_lab.errors import ConfigError
 from refusal_lab.experiments.registry import ExperimentSpec, get_experiment
 from refusal_lab.experiments.result import ExperimentResult
@@ -79,6 +79,8 @@ def prepare(name: str, cfg: DictConfig, prompt_set: PromptSet) -> Stage:
     if spec.needs_pairs:
         prompts.pairs()
     check_positive_settings(cfg.experiment)
+    if cfg.experiment.get("layers") is not None:  # any experiment's band of layers: its form now, its bounds once the depth is known
+        layer_range(cfg.experiment.layers, None, "experiment.layers")
     if spec.check is not None:
         spec.check(cfg)
     return Stage(name, spec, cfg, prompts)

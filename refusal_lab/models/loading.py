@@ -164,11 +164,10 @@ def load_weights(model_cfg: Any, plan: ModelPlan) -> LoadedModel:
         raise ConfigError(f"could not load {source.description}: {error}") from error
     model.eval()
     model.requires_grad_(False)
-    on_cpu = "cpu" in {p.device.type for p in model.parameters()}
-    notice = cpu_4bit_notice() if precision.bits == 4 and on_cpu else None
-    if notice:
-        log.info("%s", notice)
-    if precision.bits == 4 and on_cpu:
+    if precision.bits == 4 and "cpu" in {p.device.type for p in model.parameters()}:
+        notice = cpu_4bit_notice()
+        if notice:
+            log.info("%s", notice)
         keep_4bit_weights_unpacked(model)  # gradients (attribution) and the same rounding in every pass
     if precision.bits == 8 and precision.dtype == torch.float32:
         log.info("bitsandbytes int8: activations are cast to fp16 inside each quantized matmul (its per-matmul notice is silenced)")

@@ -8,6 +8,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from refusal_lab.tracking.wandb_tracker import table_columns
 from refusal_lab.viz.page import Page
 
 # (question, [(metric key, legend name)], axis format)
@@ -47,16 +48,9 @@ def write_comparison_page(document: dict[str, Any], path: Path) -> Path:
         figure.update_layout(title=title, barmode="group", yaxis={"tickformat": form}, height=420)
         page.figure(figure)
     page.heading("Every job")
-    columns = [c for c in _columns(rows) if c not in ("failures", "setting", "experiments")]
+    columns = [c for c in table_columns(rows) if c not in ("failures", "setting", "experiments")]
     page.raw(_table(columns, [[_show(r.get(c)) for c in columns] for r in rows]))
     return page.write(path)
-
-
-def _columns(rows: list[dict[str, Any]]) -> list[str]:
-    seen: dict[str, None] = {}
-    for row in rows:
-        seen.update(dict.fromkeys(row))
-    return list(seen)
 
 
 def _show(value: Any) -> str:
