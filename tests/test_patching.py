@@ -136,6 +136,19 @@ def test_bootstrap_interval_holds_the_mean_and_needs_three_pairs() -> None:
     assert np.isnan(low[3]) and np.isnan(high[3]) and not np.isnan(mean[3])
 
 
+def test_per_prompt_interval_is_the_percentile_bootstrap_and_agrees_with_the_per_pair_one() -> None:
+    from refusal_lab.patching.stats import bootstrap_ci, mean_with_interval
+
+    refused = np.array([1.0] * 36 + [0.0] * 4)
+    first, again = mean_with_interval(refused, 1000, 0.95, seed=3), mean_with_interval(refused, 1000, 0.95, seed=3)
+    assert first == again and first["mean"] == 0.9 and first["n"] == 40
+    assert 0.78 <= first["ci_low"] < 0.9 < first["ci_high"] <= 1.0  # the binomial standard error is 0.047
+    low, high = bootstrap_ci(refused[:, None], 4000, 0.95, seed=3)  # the same method, resampled by hand
+    assert abs(low[0] - first["ci_low"]) <= 0.03 and abs(high[0] - first["ci_high"]) <= 0.03
+    assert mean_with_interval(np.ones(10), 1000, 0.95, seed=0)["ci_low"] == 1.0  # no spread, no interval width
+    assert mean_with_interval(np.array([1.0, 0.0]), 1000, 0.95, seed=0)["ci_low"] is None  # too few prompts
+
+
 def test_agreement_measures() -> None:
     a = np.array([0.1, 0.5, 0.3, 0.3, -0.2])
     assert spearman(a, a) == pytest.approx(1.0) and spearman(a, -a) == pytest.approx(-1.0)
