@@ -4,8 +4,8 @@ The naive loop runs one full Hugging Face forward pass per patch (every layer, e
 logits everywhere). The engine batches a pair's variants and starts each at its patched layer and
 first patched position. Per sweep it prints both times, the speed-up, the largest difference between
 their refusal scores, and the ideal: the share of the naive loop's floating-point work that exact
-patching needs (layers from the patched one on, positions from the first patched one on, logits at
-the last position only), counted from the model's matrix shapes. "engine / ideal" is the engine's
+patching needs (layers from the patched one on, positions from the first one the patch changes,
+logits at the last position only), counted from the model's matrix shapes (``refusal_lab.patching.cost``). "engine / ideal" is the engine's
 time over the naive time scaled by that share: 1.0 would be a perfect implementation of the ideal
 at the naive loop's speed per operation; below 1, batching runs faster per operation than one
 prompt at a time.
@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from collections.abc import Sequence
-
 import torch
 from hydra import compose, initialize_config_dir
 
@@ -31,8 +29,8 @@ from refusal_lab.config import CONF_DIR
 from refusal_lab.experiments.patching import DIRECTIONS, balanced_order
 from refusal_lab.metrics import refusal_token_ids
 from refusal_lab.models import load_model
-from refusal_lab.models.adapters import ArchitectureAdapter
-from refusal_lab.patching import Variant, patch_fast, patch_naive, run_cached
+from refusal_lab.patching import patch_fast, patch_naive, run_cached
+from refusal_lab.patching.cost import forward_flops, needed_flops
 from refusal_lab.patching.sweeps import post_instruction_tokens, shared_span, sweep_variants
 from refusal_lab.prompts import format_chat, load_prompt_set
 
@@ -79,7 +77,7 @@ def main() -> None:
             started = time.perf_counter()
             fast = patch_fast(adapter, target, source, variants, refusal_ids)
             fast_s = time.perf_counter() - started
-            ideal, full = work(adapter, variants, target.length)
+            ideal, full = needed_flops(adapter, target, source, variants), forward_flops(adapter, target.length) * len(variants)
             total = totals.setdefault(sweep, {"variants": 0, "naive_s": 0.0, "fast_s": 0.0, "ideal": 0.0, "full": 0.0, "max_diff": 0.0})
             total["variants"] += len(variants)
             total["naive_s"] += naive_s
@@ -101,24 +99,6 @@ def main() -> None:
             f"{total['fast_s'] / ideal_s:>15.2f} {total['max_diff']:>11.1e}"
         )
     loaded.close()
-
-
-def work(adapter: ArchitectureAdapter, variants: Sequence[Variant], length: int) -> tuple[float, float]:
-    """Multiply-adds that exact patching needs for ``variants``, and what the naive loop spends on them."""
-    linear = sum(m.in_features * m.out_features for m in adapter.layer(0).modules() if isinstance(m, torch.nn.Linear))
-    head = adapter.d_model * adapter.unembed.weight.shape[0]
-    attention = 2 * adapter.n_heads * adapter.d_head  # per query position per key: scores and the weighted sum
-
-    def layer_cost(first: int) -> float:
-        """One layer over positions ``first..length-1``, each attending to every position up to itself."""
-        return sum(linear + attention * (i + 1) for i in range(first, length))
-
-    full = adapter.n_layers * layer_cost(0) + length * head
-    ideal = 0.0
-    for variant in variants:
-        start = length + min(variant.offsets)
-        ideal += (adapter.n_layers - variant.layer) * layer_cost(start) + head
-    return ideal, full * len(variants)
 
 
 if __name__ == "__main__":

@@ -41,3 +41,15 @@ def test_a_non_editable_install_runs_from_an_empty_folder(embedded_model_dir: Pa
     assert Path(document["prompts"]["path"]).is_relative_to(site), "the prompt set comes from the installed package"
     assert document["versions"]["refusal_lab_git_commit"] is None, "an installed copy has no commit of its own"
     assert not list(site.rglob("outputs")) and not list(site.rglob("multirun"))
+
+
+def test_the_package_never_imports_the_peer_libraries() -> None:
+    """nnsight and TransformerLens are the benchmark's optional extra (``.[peers]``), not dependencies."""
+    probe = (
+        "import importlib, pkgutil, sys, refusal_lab\n"
+        "for module in pkgutil.walk_packages(refusal_lab.__path__, 'refusal_lab.'):\n"
+        "    importlib.import_module(module.name)\n"
+        "print(sorted(name for name in ('nnsight', 'transformer_lens') if name in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

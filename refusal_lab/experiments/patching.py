@@ -31,9 +31,10 @@ from refusal_lab.errors import ConfigError
 from refusal_lab.experiments.context import ExperimentContext
 from refusal_lab.experiments.registry import register_experiment
 from refusal_lab.experiments.result import ExperimentResult, to_json
+from refusal_lab.interventions import SITE_KINDS
 from refusal_lab.interventions.activation_cache import ActivationCache, model_key
 from refusal_lab.patching.attribution import spearman, top_k_overlap
-from refusal_lab.patching.engine import patch_fast, patch_naive, run_cached
+from refusal_lab.patching.engine import Variant, patch_fast, patch_naive, run_cached
 from refusal_lab.patching.methods import METHODS, PairRuns, get_method
 from refusal_lab.patching.stats import bootstrap_ci, nan_mean, normalised_effect
 from refusal_lab.patching.sweeps import SWEEPS, Sweep, post_instruction_tokens, shared_span
@@ -354,10 +355,17 @@ def rank(summary: dict[str, Any], sweeps: Sequence[str]) -> list[dict[str, Any]]
 
 
 def verify(pair: PairRuns, target: str, source: str, scope: Scope, span: int, exp: DictConfig, precision: str) -> dict[str, Any]:
-    """Patch a few random variants of every sweep, fast and naive; a disagreement stops the run."""
+    """Patch a few random variants of every sweep, fast and naive; a disagreement stops the run.
+
+    Beside them, one patch of each site kind over every position of the shorter prompt: where the
+    pair aligns and shares a prefix, the engine starts it after the prefix, and this checks that too.
+    """
     candidates = [v for sweep in SWEEPS.values() for v in sweep.variants(scope.layers, pair.adapter.n_heads, span, scope.width(sweep))]
-    chosen = random.Random(0).sample(candidates, min(int(exp.verify_variants), len(candidates)))
+    draw = random.Random(0)
+    chosen = draw.sample(candidates, min(int(exp.verify_variants), len(candidates)))
     runs = pair.runs
+    every = tuple(range(-min(runs[target].length, runs[source].length), 0))
+    chosen += [Variant(kind, draw.choice(list(scope.layers)), every, 0 if kind == "head_z" else None) for kind in SITE_KINDS]
     fast = patch_fast(pair.adapter, runs[target], runs[source], chosen, pair.refusal_ids, int(exp.max_batch_tokens))
     naive = patch_naive(pair.model, pair.adapter, runs[target], runs[source], chosen, pair.refusal_ids)
     diff = float((fast - naive).abs().max())
