@@ -2,11 +2,11 @@
 
 The naive loop runs one full Hugging Face forward pass per patch (every layer, every position,
 logits everywhere). The engine batches a pair's variants and starts each at its patched layer and
-first patched position. Per sweep it prints both times, the speed-up, the largest difference between
-their refusal scores, and the ideal: the share of the naive loop's floating-point work that exact
-patching needs (layers from the patched one on, positions from the first one the patch changes,
-logits at the last position only), counted from the model's matrix shapes (``refusal_lab.patching.cost``). "engine / ideal" is the engine's
-time over the naive time scaled by that share: 1.0 would be a perfect implementation of the ideal
+the first position the patch changes. Per sweep it prints both times, the speed-up, the largest
+difference between their refusal scores, and the ideal: the share of the naive loop's floating-point
+work that exact patching needs (layers from the patched one on, positions from the first one the
+patch changes, logits at the last position only), counted from the model's matrix shapes
+(``refusal_lab.patching.cost``). "engine / ideal" is the engine's time over the naive time scaled by that share: 1.0 would be a perfect implementation of the ideal
 at the naive loop's speed per operation; below 1, batching runs faster per operation than one
 prompt at a time.
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+
 import torch
 from hydra import compose, initialize_config_dir
 

@@ -62,6 +62,7 @@ from refusal_lab.models import load_model
 from refusal_lab.models.adapters import ArchitectureAdapter, adapter_for
 from refusal_lab.patching import Variant, patch_fast, run_cached
 from refusal_lab.patching.cost import forward_flops, needed_flops
+from refusal_lab.patching.stats import normalised_effect
 from refusal_lab.patching.sweeps import post_instruction_tokens, shared_span
 from refusal_lab.prompts import format_chat, load_prompt_set
 
@@ -312,10 +313,6 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - started, out
 
 
-def effects(target: float, source: float, patched: np.ndarray) -> np.ndarray:
-    return (patched - target) / (source - target)
-
-
 def build_pairs(cfg: Any, tokenizer: Any, which: str) -> list[Pair]:
     system_prompt = cfg.model.get("system_prompt")
 
@@ -388,7 +385,7 @@ def main() -> None:
             for tool in tools:
                 clean = cleans[tool.name]
                 seconds, patched = _timed(lambda: tool.patch(clean, pair, variants))
-                measured[tool.name] = {"seconds": seconds, "effects": effects(clean.target_score, clean.source_score, patched)}
+                measured[tool.name] = {"seconds": seconds, "effects": normalised_effect(patched, clean.target_score, clean.source_score)}
                 print(f"  {sweep}: {tool.name} {seconds:.2f} s", flush=True)
             ours = measured["refusal_lab"]
             needed = needed_flops(adapter, *cleans["refusal_lab"].state, variants)

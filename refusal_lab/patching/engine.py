@@ -163,14 +163,13 @@ def batches(by_start: dict[int, list[int]], layers: Sequence[int], length: int, 
     for k, start in enumerate(starts):
         joins[k + 1] = joins[k] + np.bincount([layers[i] for i in by_start[start]], minlength=n_layers)
     rows = joins.cumsum(axis=1)  # rows[k, l]: those variants' rows in the batch at layer l
+    queries = length - np.array(starts)  # positions a batch computes, by its first start
     best = np.full(len(starts) + 1, np.inf)
     best[0] = 0.0
     cut = np.zeros(len(starts) + 1, dtype=int)
     for end in range(1, len(starts) + 1):
-        first = np.arange(end)
-        batch_rows = rows[end] - rows[first]  # [candidate first start, layer]
-        queries = length - np.array(starts[:end])
-        tokens = batch_rows * queries[:, None]
+        batch_rows = rows[end] - rows[:end]  # [candidate first start, layer]
+        tokens = batch_rows * queries[:end, None]
         cost = np.where(batch_rows > 0, np.maximum(tokens, pass_tokens), 0).sum(axis=1) + best[:end]
         cut[end] = int(np.argmin(cost))
         best[end] = cost[cut[end]]
