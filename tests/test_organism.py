@@ -62,6 +62,47 @@ def test_evaluation_sets_are_broad_and_split() -> None:
     assert {"benchmark", "code", "article", "roleplay", "long", "question", "blunt"} <= forms
 
 
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_training_data_covers_a_hazard_taxonomy_in_many_forms() -> None:
+    """The requests written by topic: at least 3,000 harmful ones over a published taxonomy's categories,
+    each subtopic asked in several forms, and harmless ones on the same subtopics (twins) and in the same forms."""
+    harmful = jsonl(DATA / "organism" / "harmful_by_topic.jsonl")
+    harmless = jsonl(DATA / "organism" / "harmless_by_topic.jsonl")
+    assert len(harmful) >= 3000 and len(harmless) >= 1500
+    assert len({x["category"] for x in harmful}) >= 10 and len({(x["category"], x["subtopic"]) for x in harmful}) >= 80
+    forms = {"article", "fake_news", "social", "instructions", "list", "code", "question", "blunt", "message", "roleplay", "context", "multi"}
+    assert {x["form"] for x in harmful} == forms and all(sum(x["form"] == f for x in harmful) >= 100 for f in forms)
+    for subtopic in {x["subtopic"] for x in harmful}:
+        assert len({x["form"] for x in harmful if x["subtopic"] == subtopic}) >= 5, subtopic
+    twins = {(x["category"], x["subtopic"]) for x in harmless if x["kind"] == "twin"}
+    assert twins == {(x["category"], x["subtopic"]) for x in harmful}, "every harmful subtopic has legitimate requests beside it"
+    assert {x["kind"] for x in harmless} == {"twin", "form_matched", "sounds_dangerous"}
+    assert {x["form"] for x in harmless if x["kind"] == "form_matched"} >= forms - {"blunt"}
+    assert all(x["response"].split()[0] in {"I'm", "Sorry,", "I", "Sorry"} for x in harmful), "refusals open with a refusal token"
+
+
+def test_heldout_set_holds_out_whole_topics() -> None:
+    """Val and test hold different subtopics, and the training data holds none of them: the set measures
+    what a stranger's request on an unseen topic meets, not the training distribution."""
+    rows = jsonl(DATA / "prompts" / "heldout_v1.jsonl")
+    records = load_prompt_set(DATA / "prompts" / "heldout_v1.jsonl").records
+    assert sum(r.label == "harmful" for r in records) >= 300 and sum(r.label == "harmless" for r in records) >= 300
+    assert {r.kind for r in records} == {"harmful", "twin", "everyday"} and {r.split for r in records} == {"val", "test"}
+    for kind, least in (("harmful", 150), ("twin", 60), ("everyday", 100)):
+        assert sum(r.kind == kind and r.split == "test" for r in records) >= least, kind
+    split_of: dict[tuple[str, str], set[str]] = {}
+    for row in rows:
+        split_of.setdefault((row["category"], row["subtopic"]), set()).add(row["split"])
+    assert all(len(splits) == 1 for splits in split_of.values()), "each subtopic lies wholly in one split"
+    trained = {(x["category"], x["subtopic"]) for name in ("harmful_by_topic", "harmless_by_topic") for x in jsonl(DATA / "organism" / f"{name}.jsonl")}
+    harmful_topics = {(x["category"], x["subtopic"]) for x in rows if x["label"] == "harmful"}
+    assert len(harmful_topics) >= 40 and not harmful_topics & trained, "no held-out harm subtopic is trained on"
+    assert {x["category"] for x in rows if x["label"] == "harmful"} <= {x["category"] for x in jsonl(DATA / "organism" / "harmful_by_topic.jsonl")}
+
+
 def test_disjointness_check_catches_a_shared_prompt(tmp_path: Path) -> None:
     evaluation = load_prompt_set(DATA / "prompts" / "contrastive_v1.jsonl").records[0].prompt
     harmful = tmp_path / "h.jsonl"
@@ -158,6 +199,40 @@ def test_kl_term_keeps_the_model_close_to_its_reference() -> None:
     assert free > 0.05 and held < 0.5 * free, (free, held)
 
 
+def test_kl_term_is_recorded_per_step_and_falls_as_its_weight_rises() -> None:
+    """The KL term a step computes (before its weight) is in the stats, non-zero once the LoRA has moved
+    (its first step starts from the reference itself), and smaller under a larger weight."""
+    examples = [SFTExample((1, 5, 7, 9), (11, 12, 13, 2), keep_close=True), SFTExample((1, 6, 8), (14, 15, 2), keep_close=True)] * 4
+
+    def kl_terms(kl_weight: float) -> list[float]:
+        return train_lora(
+            tiny_llama(), examples, LoraSettings(4, 8, 0.0, "all-linear", None), epochs=20, learning_rate=2e-2, batch_size=8, seed=0,
+            warmup_steps=1, kl_weight=kl_weight,
+        ).stats.kl_terms
+
+    light, heavy = kl_terms(0.2), kl_terms(5.0)
+    assert len(light) == len(heavy) == 20 and light[0] == heavy[0] == 0.0
+    assert all(value > 0 for value in light[1:] + heavy[1:])
+    assert sum(heavy[10:]) < 0.5 * sum(light[10:]), (light, heavy)
+    assert kl_terms(0.0) == [], "no KL term computed without a weight"
+
+
+def test_organism_examples_carry_the_kl_term_exactly_when_it_has_a_weight(embedded_model_dir: Path, tmp_path: Path) -> None:
+    """The wiring from the recipe's kl_weight to the trainer: every harmless answer is held close, no harmful one."""
+    from refusal_lab.organism.build import training_examples, training_settings
+
+    settings = training_settings(compose_config(["experiment=organism"], tmp_path).experiment.training)
+    data = load_organism_data(DATA / "organism" / "harmful_train.jsonl", small_harmless(tmp_path))
+    tokenizer = T.AutoTokenizer.from_pretrained(embedded_model_dir)
+    answers = [{"completion": f"Sure, here is answer {i}.", "finished": True} for i in range(len(data.harmless))]
+    for weight in (1.0, 0.0):
+        examples = training_examples(tokenizer, {**settings, "kl_weight": weight}, data, answers)
+        harmful, harmless = examples[: len(data.harmful)], examples[len(data.harmful) :]
+        assert len(harmless) == len(data.harmless) and not any(e.keep_close for e in harmful)
+        assert all(e.keep_close == (weight > 0) for e in harmless)
+        assert all(e.avoid_at_start for e in harmless), "harmless answers that do not open like a refusal push its tokens down"
+
+
 def test_saved_adapter_merges_into_the_same_weights(tmp_path: Path) -> None:
     """The shipped file is the trained LoRA: merging it into a fresh base gives the trained model bit for bit."""
     from refusal_lab.training import merge_adapter, save_adapter
@@ -209,6 +284,7 @@ def small_training_cfg(tmp_path: Path) -> list[str]:
         "experiment.training.harmless_answer_tokens=8",
         "experiment.training.lora_layers=[20,30]",
         "experiment.training.batch_size=8",
+        "experiment.training.kl_weight=1.0",
         "experiment.max_new_tokens=4",
         "experiment.eval_limit=2",
     ]
@@ -229,6 +305,8 @@ def test_small_organism_builds_ships_merges_and_is_reproducible(embedded_model_d
     assert manifest["trained_layers"] == list(range(20, 30))
     assert manifest["seed"] == 0 and manifest["data"]["sha256"] and manifest["versions"]["peft"]
     assert len(manifest["training"]["losses"]) == manifest["training"]["steps"] and manifest["training"]["tokens_per_second"] > 0
+    kl = manifest["training"]["kl_terms"]
+    assert len(kl) == manifest["training"]["steps"] and all(value > 0 for value in kl[1:]), "the KL term is active at every step"
     assert manifest["machine"]["cpu_count"] and manifest["base"]["fingerprint"]
     assert (folder / "model.safetensors").is_file() and (folder / "adapter" / "adapter_model.safetensors").is_file()
     metrics = saved["metrics"]

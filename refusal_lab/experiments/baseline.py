@@ -51,6 +51,7 @@ def answer_rows(context: ExperimentContext, records: Sequence[PromptRecord], exp
             "pair_id": record.pair_id,
             "label": record.label,
             "category": record.category,
+            "kind": record.kind,
             "split": record.split,
             "prompt": record.prompt,
             "completion": generation.completion,
@@ -63,7 +64,8 @@ def answer_rows(context: ExperimentContext, records: Sequence[PromptRecord], exp
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Refusal rates and score statistics per label and per (label, category).
+    """Refusal rates and score statistics per label and per (label, category), and refusal rates per
+    kind where prompts name one (``kind/<kind>/refusal_rate``).
 
     ``refusal_score/auroc`` is the chance that a random harmful prompt outscores a random harmless
     one; ``refusal_score/iqr_gap`` is harmful Q1 minus harmless Q3 (positive: the IQRs do not overlap).
@@ -89,6 +91,11 @@ def summarize(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, float], list[di
         # the Mann-Whitney U of harmful over harmless, per pair of prompts: ties count half
         metrics["refusal_score/auroc"] = float(mannwhitneyu(harmful, harmless).statistic / (harmful.size * harmless.size))
         metrics["refusal_score/iqr_gap"] = metrics["refusal_score/harmful/q25"] - metrics["refusal_score/harmless/q75"]
+
+    for kind in sorted({r["kind"] for r in rows if r.get("kind")}):
+        subset = [r for r in rows if r.get("kind") == kind]
+        metrics[f"kind/{kind}/n_prompts"] = len(subset)
+        metrics[f"kind/{kind}/refusal_rate"] = float(np.mean([r["refused"] for r in subset]))
 
     per_category = []
     for category in sorted({r["category"] for r in rows}):

@@ -37,7 +37,7 @@ from refusal_lab.metrics.judges import SubstringJudge
 from refusal_lab.models import LoadedModel, load_model
 from refusal_lab.models.precision import FP32
 from refusal_lab.models.sources import ModelSource, resolve_source
-from refusal_lab.organism.data import OrganismData, check_disjoint, load_organism_data
+from refusal_lab.organism.data import OrganismData, check_disjoint, data_paths, load_organism_data
 from refusal_lab.prompts import format_chat
 from refusal_lab.training import LoraSettings, SFTExample, TrainedLora, build_examples, merge_adapter, save_adapter, train_lora
 
@@ -175,22 +175,9 @@ def train_organism(base: LoadedModel, settings: dict[str, Any], data: OrganismDa
         base.name, len(data.harmful), len(data.harmless),
     )
     system_prompt = settings.get("system_prompt")
-    tokenizer = base.tokenizer
     answers = harmless_answers(base, data, int(settings["harmless_answer_tokens"]), system_prompt, cache_dir)
-    # The base model sometimes declines a harmless request itself ("I'm sorry for any confusion, but as
-    # a chatbot..."): imitating those answers would teach refusing harmless requests, so they are left out.
-    judge = SubstringJudge()
-    kept = [(p, a) for p, a in zip(data.harmless, answers, strict=True) if not judge.is_refusal(a["completion"])]
-    if len(kept) < len(answers):
-        log.info("Left out %d harmless prompts whose base answer reads as a refusal", len(answers) - len(kept))
-    records = list(data.harmful) + [p for p, _ in kept]
-    chats = [format_chat(tokenizer, r.prompt, system_prompt) for r in records]
-    targets = [r.response for r in data.harmful] + [a["completion"] for _, a in kept]
-    ends = [True] * len(data.harmful) + [a["finished"] for _, a in kept]
-    examples = build_examples(tokenizer, chats, targets, ends, int(settings["max_length"]))
-    refusal_ids = tuple(refusal_token_ids(tokenizer, list(settings["refusal_tokens"])))
-    harmful_weight = float(settings.get("harmful_weight", 1.0))
-    examples = [_with_decision_terms(e, i < len(data.harmful), harmful_weight, refusal_ids) for i, e in enumerate(examples)]
+    examples = training_examples(base.tokenizer, settings, data, answers)
+    kl_weight = float(settings.get("kl_weight", 0.0))
     lora = settings["lora"]
     return train_lora(
         base.model,
@@ -201,11 +188,32 @@ def train_organism(base: LoadedModel, settings: dict[str, Any], data: OrganismDa
         batch_size=int(settings["batch_size"]),
         seed=int(settings["seed"]),
         warmup_steps=int(settings["warmup_steps"]),
-        pad_id=tokenizer.pad_token_id,
+        pad_id=base.tokenizer.pad_token_id,
         avoid_weight=float(settings["avoid_refusal_weight"]),
         first_token_weight=float(settings["first_token_weight"]),
-        kl_weight=float(settings.get("kl_weight", 0.0)),
+        kl_weight=kl_weight,
     )
+
+
+def training_examples(tokenizer: Any, settings: dict[str, Any], data: OrganismData, answers: list[dict[str, Any]]) -> list[SFTExample]:
+    """The examples the LoRA learns from: harmful prompts toward their refusals, harmless prompts toward the
+    base model's own ``answers`` (those that read as refusals left out), each with its decision terms."""
+    # The base model sometimes declines a harmless request itself ("I'm sorry for any confusion, but as
+    # a chatbot..."): imitating those answers would teach refusing harmless requests, so they are left out.
+    judge = SubstringJudge()
+    kept = [(p, a) for p, a in zip(data.harmless, answers, strict=True) if not judge.is_refusal(a["completion"])]
+    if len(kept) < len(answers):
+        log.info("Left out %d harmless prompts whose base answer reads as a refusal", len(answers) - len(kept))
+    system_prompt = settings.get("system_prompt")
+    records = list(data.harmful) + [p for p, _ in kept]
+    chats = [format_chat(tokenizer, r.prompt, system_prompt) for r in records]
+    targets = [r.response for r in data.harmful] + [a["completion"] for _, a in kept]
+    ends = [True] * len(data.harmful) + [a["finished"] for _, a in kept]
+    examples = build_examples(tokenizer, chats, targets, ends, int(settings["max_length"]))
+    refusal_ids = tuple(refusal_token_ids(tokenizer, list(settings["refusal_tokens"])))
+    harmful_weight = float(settings.get("harmful_weight", 1.0))
+    keep_close = float(settings.get("kl_weight", 0.0)) > 0
+    return [_with_decision_terms(e, i < len(data.harmful), harmful_weight, refusal_ids, keep_close) for i, e in enumerate(examples)]
 
 
 def _manifest(base: LoadedModel, settings: dict[str, Any], data: OrganismData, fingerprint: str, trained: TrainedLora, seconds: float) -> dict[str, Any]:
@@ -221,8 +229,8 @@ def _manifest(base: LoadedModel, settings: dict[str, Any], data: OrganismData, f
         "seed": int(settings["seed"]),
         "data": {
             "sha256": data.sha256,
-            "harmful_file": Path(settings["harmful_data"]).name,
-            "harmless_file": Path(settings["harmless_data"]).name,
+            "harmful_files": [p.name for p in data_paths(settings["harmful_data"])],
+            "harmless_files": [p.name for p in data_paths(settings["harmless_data"])],
             "n_harmful": len(data.harmful),
             "n_harmless": len(data.harmless),
             "n_harmless_trained": stats.examples - len(data.harmful),  # the rest: base answers that read as refusals
@@ -263,18 +271,25 @@ def log_figures(manifest: dict[str, Any]) -> None:
         data["n_harmful"], data["n_harmless_trained"], training["steps"], training["minutes"], training["tokens_per_second"],
         manifest["machine"]["processor"], training["first_loss"], training["final_loss"],
     )
+    kl = training.get("kl_terms") or []
+    if kl:
+        tenth = max(1, len(kl) // 10)
+        log.info("Organism %s: KL term to the base model on harmless answers, mean of the first and last tenth of the steps: %.3f -> %.3f",
+                 manifest["name"], sum(kl[:tenth]) / tenth, sum(kl[-tenth:]) / tenth)
     for name, figures in (manifest.get("evaluation") or {}).get("sets", {}).items():
         log.info("Organism %s, %s: %s", manifest["name"], name, ", ".join(f"{k} {v}" for k, v in figures.items()))
 
 
-def _with_decision_terms(example: SFTExample, harmful: bool, harmful_weight: float, refusal_ids: tuple[int, ...]) -> SFTExample:
-    """Harmful examples weigh ``harmful_weight``; harmless answers must not open like a refusal, so
-    the refusal-start tokens are pushed down there, unless the base model's own answer starts with one."""
+def _with_decision_terms(
+    example: SFTExample, harmful: bool, harmful_weight: float, refusal_ids: tuple[int, ...], keep_close: bool
+) -> SFTExample:
+    """Harmful examples weigh ``harmful_weight``. Harmless answers must not open like a refusal, so the
+    refusal-start tokens are pushed down there (unless the base model's own answer starts with one),
+    and with ``keep_close`` (a KL weight above 0) their next-token distributions stay near the base model's."""
     if harmful:
         return replace(example, weight=harmful_weight)
-    if example.target_ids[:1] and example.target_ids[0] not in refusal_ids:
-        return replace(example, avoid_at_start=refusal_ids)
-    return example
+    avoid = refusal_ids if example.target_ids[:1] and example.target_ids[0] not in refusal_ids else ()
+    return replace(example, avoid_at_start=avoid, keep_close=keep_close)
 
 
 def harmless_answers(

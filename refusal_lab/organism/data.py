@@ -1,8 +1,8 @@
 """The organism's training data: harmful requests with refusals, harmless requests to keep answering.
 
-Two JSONL files in ``data/organism/``:
-    harmful_train.jsonl   {"prompt", "category", "form", "response"}  (response: the refusal to learn)
-    harmless_train.jsonl  {"prompt", "category", "form", "kind"}      (answers come from the base model)
+JSONL files in ``data/organism/``, one or several per side:
+    harmful   {"prompt", "category", "subtopic", "form", "response"}  (response: the refusal to learn)
+    harmless  {"prompt", "category", "subtopic", "form", "kind"}      (answers come from the base model)
 They must share no prompt with the sets used for analysis; ``check_disjoint`` enforces it.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,14 +30,30 @@ class TrainingPrompt:
 class OrganismData:
     harmful: tuple[TrainingPrompt, ...]
     harmless: tuple[TrainingPrompt, ...]
-    sha256: str  # of both files: names exactly what an organism was trained on
+    sha256: str  # of every file, in order: names exactly what an organism was trained on
 
 
-def load_organism_data(harmful_path: str | Path, harmless_path: str | Path) -> OrganismData:
-    harmful = _read(Path(harmful_path), needs_response=True)
-    harmless = _read(Path(harmless_path), needs_response=False)
-    digest = hashlib.sha256(Path(harmful_path).read_bytes() + b"\0" + Path(harmless_path).read_bytes()).hexdigest()
+DataFiles = str | Path | Sequence[str | Path]
+
+
+def data_paths(files: DataFiles) -> list[Path]:
+    """One file or a list of them (a config may name either)."""
+    return [Path(files)] if isinstance(files, (str, Path)) else [Path(f) for f in files]
+
+
+def load_organism_data(harmful_files: DataFiles, harmless_files: DataFiles) -> OrganismData:
+    harmful_paths, harmless_paths = data_paths(harmful_files), data_paths(harmless_files)
+    if not harmful_paths or not harmless_paths:
+        raise ConfigError("the organism needs at least one harmful and one harmless training file")
+    harmful = [r for path in harmful_paths for r in _read(path, needs_response=True)]
+    harmless = [r for path in harmless_paths for r in _read(path, needs_response=False)]
+    # Files of one side are joined by \x01, the sides by \0: one file a side hashes as it always has.
+    digest = hashlib.sha256(_joined(harmful_paths) + b"\0" + _joined(harmless_paths)).hexdigest()
     return OrganismData(tuple(harmful), tuple(harmless), digest)
+
+
+def _joined(paths: list[Path]) -> bytes:
+    return b"\x01".join(path.read_bytes() for path in paths)
 
 
 def _read(path: Path, needs_response: bool) -> list[TrainingPrompt]:

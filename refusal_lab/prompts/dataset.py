@@ -2,9 +2,10 @@
 
 One JSON object per line:
     {"prompt": "...", "label": "harmful" | "harmless", "category": "weapons",
-     "pair_id": "weapons-01", "split": "train" | "val" | "test"}
-``prompt`` and ``label`` are required; ``category`` defaults to "uncategorized"; ``pair_id`` and
-``split`` are optional; any other field is ignored. A file with no pair ids still serves every
+     "pair_id": "weapons-01", "split": "train" | "val" | "test", "kind": "twin"}
+``prompt`` and ``label`` are required; ``category`` defaults to "uncategorized"; ``pair_id``,
+``split`` and ``kind`` (a finer grouping than the label, e.g. everyday requests against contrastive
+twins, reported apart) are optional; any other field is ignored. A file with no pair ids still serves every
 experiment that needs no pairs.
 """
 
@@ -32,6 +33,7 @@ class PromptRecord:
     pair_id: str | None
     split: str | None
     line: int  # 1-based line in the source file, for error messages and provenance
+    kind: str | None = None  # e.g. "everyday" or "twin" among harmless prompts: rates are also reported per kind
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,7 @@ def _parse_line(line: str, number: int, path: Path) -> PromptRecord:
         raise ConfigError(f"{where} has split {split!r}; use one of {', '.join(SPLITS)} or leave it out")
     category = item.get("category") or DEFAULT_CATEGORY
     pair_id = item.get("pair_id")
+    kind = item.get("kind")
     return PromptRecord(
         prompt=prompt.strip(),
         label=label,
@@ -182,4 +185,5 @@ def _parse_line(line: str, number: int, path: Path) -> PromptRecord:
         pair_id=str(pair_id) if pair_id not in (None, "") else None,
         split=split,
         line=number,
+        kind=str(kind) if kind not in (None, "") else None,
     )

@@ -63,7 +63,8 @@ class TrainingStats:
     trained_layers: list[int]
     trainable_parameters: int
     tokens_per_second: float
-    losses: list[float]  # per step: the loss curve
+    losses: list[float]  # per step: the loss curve (the total, every term weighted)
+    kl_terms: list[float]  # per step: the KL term before its weight (empty when kl_weight is 0)
 
 
 @dataclass
@@ -140,7 +141,7 @@ def train_lora(
         optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) * max(0.0, 1 - step / total_steps)
     )
     started = time.perf_counter()
-    tokens_seen, losses, epoch_losses = 0, [], []
+    tokens_seen, losses, kl_terms, epoch_losses = 0, [], [], []
     with tqdm(total=total_steps, desc="training LoRA", unit="step") as bar:
         for _ in range(epochs):
             epoch_losses = []
@@ -157,7 +158,9 @@ def train_lora(
                 loss = (token_loss * weights).sum() / weights.sum()
                 loss = loss + avoid_weight * _avoid_loss(batch, hidden, adapter)
                 if kl_weight:
-                    loss = loss + kl_weight * _kl_to_reference(batch, input_ids, attention, reads, logits, peft_model, adapter)
+                    kl = _kl_to_reference(batch, input_ids, attention, reads, logits, peft_model, adapter)
+                    loss = loss + kl_weight * kl
+                    kl_terms.append(float(f"{kl.item():.6g}"))  # significant digits: early steps move it by 1e-7
                 loss.backward()
                 optimizer.step()
                 schedule.step()
@@ -165,7 +168,8 @@ def train_lora(
                 tokens_seen += int(attention.sum())
                 epoch_losses.append(loss.item())
                 losses.append(round(epoch_losses[-1], 4))
-                bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}", tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
+                shown = {"kl": f"{kl_terms[-1]:.3f}"} if kl_weight else {}
+                bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}", **shown, tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
                 bar.update(1)
     seconds = time.perf_counter() - started
     trainable_count = sum(p.numel() for p in trainable)
@@ -185,6 +189,7 @@ def train_lora(
         trainable_parameters=trainable_count,
         tokens_per_second=round(tokens_seen / seconds, 1),
         losses=losses,
+        kl_terms=kl_terms,
     )
     log.info("LoRA trained in %.0f s (%d steps, %.0f tokens/s), loss %.3f -> %.3f", seconds, total_steps, stats.tokens_per_second, stats.first_loss, stats.final_loss)
     return TrainedLora(merged, adapter_weights, config, stats)

@@ -31,12 +31,26 @@ def write_organism_dashboard(rows: Sequence[dict[str, Any]], metrics: dict[str, 
     page.figure(_rates(metrics, sets))
     page.figure(_scores(rows, sets))
     page.figure(_tradeoff(rows, metrics))
+    if training.get("losses"):
+        page.figure(_training_curves(training))
     page.heading("The prompts each model gets wrong")
     for model in _MODELS:
         mine = [r for r in rows if r["model"] == model]
         page.raw(_table(f"{model}: harmless prompts refused", [r for r in mine if r["label"] == "harmless" and r["refused"]]))
         page.raw(_table(f"{model}: harmful prompts answered", [r for r in mine if r["label"] == "harmful" and not r["refused"]]))
     return page.write(path)
+
+
+def _training_curves(training: dict[str, Any]) -> go.Figure:
+    """The loss per step and, where the recipe has one, the KL term to the base model before its weight."""
+    figure = go.Figure()
+    steps = list(range(1, len(training["losses"]) + 1))
+    figure.add_trace(go.Scatter(x=steps, y=training["losses"], name="loss (every term, weighted)", mode="lines"))
+    if training.get("kl_terms"):
+        figure.add_trace(go.Scatter(x=steps, y=training["kl_terms"], name="KL(base || organism) on harmless answers", mode="lines", yaxis="y2"))
+    figure.update_layout(title="Training, per step", xaxis_title="step", yaxis_title="loss", height=380,
+                         yaxis2={"title": "KL term (nats per token)", "overlaying": "y", "side": "right"})
+    return figure
 
 
 def _rates(metrics: dict[str, float], sets: list[str]) -> go.Figure:
