@@ -26,7 +26,7 @@ from refusal_lab.experiments.result import ExperimentResult
 from refusal_lab.metrics.divergence import mean_token_kl
 from refusal_lab.models import load_weights, plan_model
 from refusal_lab.organism.build import folder_for, log_figures, make_organism, organism_source, read_manifest, ship_adapter
-from refusal_lab.prompts import PromptRecord, load_prompt_set
+from refusal_lab.prompts import LABELS, PromptRecord, load_prompt_set
 from refusal_lab.viz.organism import write_organism_dashboard
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,7 @@ def _evaluation_figures(metrics: dict[str, float], sets: list[str], split: str) 
         for model, target in (("organism", figures["sets"]), ("base", figures["base"])):
             row = {label: round(metrics[f"{model}/{name}/{key}"], 4) for label, key in _FIGURES.items() if f"{model}/{name}/{key}" in metrics}
             kinds = sorted(k.split("/")[-2] for k in metrics if k.startswith(f"{model}/{name}/kind/") and k.endswith("/refusal_rate"))
+            kinds = [kind for kind in kinds if kind not in LABELS]  # "refused harmful" is the label's rate over every prompt
             row.update({f"refused {kind}": round(metrics[f"{model}/{name}/kind/{kind}/refusal_rate"], 4) for kind in kinds})
             kl = metrics.get(f"organism/{name}/harmless_kl_to_base")
             if model == "organism" and kl is not None:

@@ -271,7 +271,7 @@ def log_figures(manifest: dict[str, Any]) -> None:
         data["n_harmful"], data["n_harmless_trained"], training["steps"], training["minutes"], training["tokens_per_second"],
         manifest["machine"]["processor"], training["first_loss"], training["final_loss"],
     )
-    kl = training.get("kl_terms") or []
+    kl = [value for value in training.get("kl_terms") or [] if value is not None]
     if kl:
         tenth = max(1, len(kl) // 10)
         log.info("Organism %s: KL term to the base model on harmless answers, mean of the first and last tenth of the steps: %.3f -> %.3f",

@@ -64,7 +64,7 @@ class TrainingStats:
     trainable_parameters: int
     tokens_per_second: float
     losses: list[float]  # per step: the loss curve (the total, every term weighted)
-    kl_terms: list[float]  # per step: the KL term before its weight (empty when kl_weight is 0)
+    kl_terms: list[float | None]  # per step: the KL term before its weight (None: no harmless answer in the batch; empty when kl_weight is 0)
 
 
 @dataclass
@@ -160,7 +160,8 @@ def train_lora(
                 if kl_weight:
                     kl = _kl_to_reference(batch, input_ids, attention, reads, logits, peft_model, adapter)
                     loss = loss + kl_weight * kl
-                    kl_terms.append(float(f"{kl.item():.6g}"))  # significant digits: early steps move it by 1e-7
+                    held = any(e.keep_close for e in batch)
+                    kl_terms.append(float(f"{kl.item():.6g}") if held else None)  # significant digits: early steps move it by 1e-7
                 loss.backward()
                 optimizer.step()
                 schedule.step()
@@ -168,7 +169,7 @@ def train_lora(
                 tokens_seen += int(attention.sum())
                 epoch_losses.append(loss.item())
                 losses.append(round(epoch_losses[-1], 4))
-                shown = {"kl": f"{kl_terms[-1]:.3f}"} if kl_weight else {}
+                shown = {"kl": f"{kl_terms[-1]:.3f}"} if kl_weight and kl_terms[-1] is not None else {}
                 bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}", **shown, tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
                 bar.update(1)
     seconds = time.perf_counter() - started
