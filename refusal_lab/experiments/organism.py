@@ -162,14 +162,19 @@ _FIGURES = {
 }
 
 
+def _kinds(metrics: dict[str, float], model: str, set_name: str) -> list[str]:
+    """The prompt kinds whose refusal rate ``summarize`` reported for this model and set."""
+    prefix = f"{model}/{set_name}/kind/"
+    return sorted(k[len(prefix) :].split("/")[0] for k in metrics if k.startswith(prefix) and k.endswith("/refusal_rate"))
+
+
 def _evaluation_figures(metrics: dict[str, float], sets: list[str], split: str) -> dict[str, Any]:
     """The headline figures per set for both models, as a manifest records them."""
     figures: dict[str, Any] = {"split": split, "sets": {}, "base": {}}
     for name in [*sets, ALL]:
         for model, target in (("organism", figures["sets"]), ("base", figures["base"])):
             row = {label: round(metrics[f"{model}/{name}/{key}"], 4) for label, key in _FIGURES.items() if f"{model}/{name}/{key}" in metrics}
-            kinds = sorted(k.split("/")[-2] for k in metrics if k.startswith(f"{model}/{name}/kind/") and k.endswith("/refusal_rate"))
-            kinds = [kind for kind in kinds if kind not in LABELS]  # "refused harmful" is the label's rate over every prompt
+            kinds = [kind for kind in _kinds(metrics, model, name) if kind not in LABELS]  # "refused harmful" is the label's rate over every prompt
             row.update({f"refused {kind}": round(metrics[f"{model}/{name}/kind/{kind}/refusal_rate"], 4) for kind in kinds})
             kl = metrics.get(f"organism/{name}/harmless_kl_to_base")
             if model == "organism" and kl is not None:
@@ -191,6 +196,6 @@ def _log_summary(metrics: dict[str, float], sets: list[str]) -> None:
                 "%-12s %-8s %9s %9s %7s %8s %8s", name, model, value("refusal_rate/harmful", True), value("refusal_rate/harmless", True),
                 value("refusal_score/auroc"), value("refusal_score/iqr_gap"), "-" if kl is None else f"{kl:.3f}",
             )
-            kinds = sorted(k.split("/")[-2] for k in metrics if k.startswith(f"{model}/{name}/kind/") and k.endswith("/refusal_rate"))
+            kinds = _kinds(metrics, model, name)
             if kinds:
                 log.info("%-12s %-8s refused per kind: %s", "", "", ", ".join(f"{kind} {value(f'kind/{kind}/refusal_rate', True)}" for kind in kinds))
