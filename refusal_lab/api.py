@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -20,7 +21,10 @@ from omegaconf import DictConfig, open_dict
 from refusal_lab.config import CONF_DIR
 from refusal_lab.tracking.reading import RunResults, find_results, load_results
 
-__all__ = ["RunResults", "compose", "find_results", "load_results", "run"]
+if TYPE_CHECKING:
+    from refusal_lab.models import LoadedModel
+
+__all__ = ["RunResults", "compose", "find_results", "load_results", "prepare_model", "run"]
 
 
 def compose(overrides: Sequence[str] = (), output_dir: str | Path | None = None) -> DictConfig:
@@ -44,6 +48,16 @@ def run(overrides: Sequence[str] | DictConfig = (), output_dir: str | Path | Non
     _show_progress_messages()
     document = run_job(cfg)
     return RunResults.read(document["results_path"])
+
+
+def prepare_model(cfg: DictConfig) -> "LoadedModel":
+    """The model ``cfg`` names, loaded at ``cfg.quant``, as a run would load it: an organism is made first
+    (cached, merged from its shipped adapter, or trained) when the cache lacks it."""
+    from refusal_lab import organism
+    from refusal_lab.models import load_weights, plan_model
+
+    source = organism.ensure(cfg)
+    return load_weights(cfg.model, plan_model(cfg.model, cfg.quant, cfg.paths.cache_dir, source=source))
 
 
 def _show_progress_messages() -> None:

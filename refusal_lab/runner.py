@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from transformers import set_seed
 
 from refusal_lab.config import layer_range, plain_config, redact_overrides
+from refusal_lab import organism
 from refusal_lab.experiments import ExperimentResult
 from refusal_lab.experiments.context import ExperimentContext
 from refusal_lab.experiments.pipeline import PIPELINE, plan_stages, summarize
@@ -61,7 +62,7 @@ def _run(cfg: DictConfig, job: JobInfo, record: dict[str, Any], started: float) 
     stages = plan_stages(cfg, prompt_set)
     judge = make_judge(cfg.get("judge"))
     tracker = make_tracker(cfg.get("logger"), job, name, record["config"])
-    source, steps = organism_step(cfg)
+    source, steps = model_source(cfg)
     plan = plan_model(cfg.model, cfg.quant, cfg.paths.cache_dir, source=source)
     for stage in stages:
         if stage.cfg.experiment.get("layers") is not None:
@@ -90,9 +91,9 @@ def _run(cfg: DictConfig, job: JobInfo, record: dict[str, Any], started: float) 
         }
         for stage in stages:
             clock = time.perf_counter()
-            context = ExperimentContext(stage.cfg, loaded, stage.prompts, judge, refusal_ids, job.output_dir, results, clean_runs)
+            handoffs = [found for earlier in results.values() for found in earlier.handoffs]
+            context = ExperimentContext(stage.cfg, loaded, stage.prompts, judge, refusal_ids, job.output_dir, handoffs, clean_runs)
             result = stage.spec.run(context)
-            loaded = context.model  # an experiment may replace the model (the organism does)
             result.metrics.update({f"steps/{step}/seconds": value["seconds"] for step, value in steps.items()})
             seconds[stage.name] = time.perf_counter() - clock
             results[stage.name] = result
@@ -135,18 +136,16 @@ def describe_job(job: JobInfo) -> dict[str, Any]:
     return {"output_dir": str(job.output_dir), "sweep": job.sweep_name, "num": job.job_num, "overrides": job.overrides}
 
 
-def organism_step(cfg: DictConfig) -> tuple[ModelSource | None, dict[str, Any]]:
-    """Make sure the organism the config names exists (cached, merged from the shipped adapter, or
-    trained): a step of its own, timed and recorded, before the model is planned and loaded."""
-    if not cfg.model.get("organism") or cfg.model.get("path"):
-        return None, {}
-    from refusal_lab.organism.build import ensure_organism, organism_source
-
+def model_source(cfg: DictConfig) -> tuple[ModelSource, dict[str, Any]]:
+    """Where the model's weights are. An organism is made first when the cache lacks it (merged from the
+    shipped adapter, or trained): a step of its own, timed and recorded, before the model is planned and loaded."""
     started = time.perf_counter()
-    folder, origin = ensure_organism(cfg.model.organism, cfg.paths.cache_dir)
+    source = organism.ensure(cfg)
+    if source.origin is None:
+        return source, {}
     seconds = round(time.perf_counter() - started, 2)
-    log.info("Organism step: %s organism at %s (%.1f s)", origin, folder, seconds)
-    return organism_source(folder), {"organism": {"origin": origin, "folder": str(folder), "seconds": seconds}}
+    log.info("Organism step: %s organism at %s (%.1f s)", source.origin, source.location, seconds)
+    return source, {"organism": {"origin": source.origin, "folder": source.location, "seconds": seconds}}
 
 
 def current_job(cfg: DictConfig) -> JobInfo:

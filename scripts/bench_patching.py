@@ -29,7 +29,7 @@ from hydra import compose, initialize_config_dir
 from refusal_lab.config import CONF_DIR
 from refusal_lab.experiments.patching import DIRECTIONS, balanced_order
 from refusal_lab.metrics import refusal_token_ids
-from refusal_lab.models import load_model
+from refusal_lab.api import prepare_model
 from refusal_lab.patching import patch_fast, patch_naive, run_cached
 from refusal_lab.patching.cost import forward_flops, needed_flops
 from refusal_lab.patching.sweeps import post_instruction_tokens, shared_span, sweep_variants
@@ -48,7 +48,7 @@ def main() -> None:
 
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = compose(config_name="config", overrides=list(args.overrides))
-    loaded = load_model(cfg.model, cfg.quant, cfg.paths.cache_dir)
+    loaded = prepare_model(cfg)
     model, adapter, tokenizer = loaded.model, loaded.adapter, loaded.tokenizer
     refusal_ids = refusal_token_ids(tokenizer, list(cfg.model.refusal_tokens))
     system_prompt = cfg.model.get("system_prompt")

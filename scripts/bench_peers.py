@@ -58,7 +58,7 @@ from scipy import stats
 from refusal_lab.config import CONF_DIR
 from refusal_lab.experiments.patching import balanced_order
 from refusal_lab.metrics import refusal_score, refusal_token_ids
-from refusal_lab.models import load_model
+from refusal_lab.api import prepare_model
 from refusal_lab.models.adapters import ArchitectureAdapter, adapter_for
 from refusal_lab.patching import Variant, patch_fast, run_cached
 from refusal_lab.patching.cost import forward_flops, needed_flops
@@ -347,7 +347,7 @@ def main() -> None:
 
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = compose(config_name="config", overrides=list(args.overrides))
-    loaded = load_model(cfg.model, cfg.quant, cfg.paths.cache_dir)
+    loaded = prepare_model(cfg)
     if loaded.precision.name != "fp32":
         raise SystemExit("the peers are compared in fp32; leave quant at its default")
     adapter, tokenizer = loaded.adapter, loaded.tokenizer

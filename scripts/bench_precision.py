@@ -23,7 +23,7 @@ from hydra import compose, initialize_config_dir
 from refusal_lab.config import CONF_DIR
 from refusal_lab.generation import generate_greedy
 from refusal_lab.metrics import refusal_score, refusal_token_ids
-from refusal_lab.models import load_model
+from refusal_lab.api import prepare_model
 from refusal_lab.prompts import format_chat, load_prompt_set
 
 
@@ -44,7 +44,7 @@ def main() -> None:
             cfg = compose(config_name="config", overrides=[f"quant={quant}", *args.overrides])
         records = load_prompt_set(cfg.prompts.path).select(split="test", limit=args.prompts).records
         started = time.perf_counter()
-        loaded = load_model(cfg.model, cfg.quant, cfg.paths.cache_dir)
+        loaded = prepare_model(cfg)
         load_s = time.perf_counter() - started
         ids = refusal_token_ids(loaded.tokenizer, list(cfg.model.refusal_tokens))
         texts = [format_chat(loaded.tokenizer, r.prompt, cfg.model.get("system_prompt")) for r in records]

@@ -65,13 +65,19 @@ def test_ablation_experiment_ranks_ablates_and_controls(embedded_model_dir: Path
 
     overrides = [
         "experiment=ablation", "logger=none", "experiment.limit_per_label=3", "experiment.ks=[1,2]", "experiment.random_draws=1",
-        "experiment.max_new_tokens=4", "experiment.ranking.max_pairs=1", "experiment.ranking.sweeps=[mlp]",
-        "experiment.ranking.min_gap=0.1", "experiment.bootstrap.resamples=50", "experiment.positions=post_instruction",
+        "experiment.max_new_tokens=4", "experiment.ranking.max_pairs=1", "experiment.ranking.sweeps=[mlp_post,mlp]",
+        "experiment.ranking.min_gap=0.1", "experiment.bootstrap.resamples=50",
     ]
     document = run(compose_config(overrides, tmp_path / "first"))
     results = json.loads(Path(document["results_path"]).read_text())
     details = results["details"]
     assert details["ranking"]["from"].startswith("exact patching of the val split")
+    assert details["positions"] == "post_instruction" and details["ranking"]["at"] == "post_instruction", "the default: where the decision is read"
+    assert all(r["at"] == "post_instruction" for r in details["ranking"]["top"])
+    bound = details["damage"]["max_kl"]
+    assert all(p["broken"] == (p["condition"] != "none" and p["harmless_kl"]["mean"] > bound) for p in details["curve"])
+    assert [m["k"] for m in details["matched_damage"]] == [1, 2] and "necessary" in details["necessity"]
+    assert results["metrics"]["ablation/necessary"] == float(details["necessity"]["necessary"])
     assert [(p["k"], p["condition"]) for p in details["curve"]] == [(0, "none"), (1, "top"), (1, "random"), (2, "top"), (2, "random")]
     top2 = details["curve"][3]
     assert top2["components"] == [r["component"] for r in details["ranking"]["top"][:2]]
@@ -90,8 +96,51 @@ def test_ablation_experiment_ranks_ablates_and_controls(embedded_model_dir: Path
     # In a band of two layers the two MLPs are the whole pool: k=2 has no random control of its kind and is
     # skipped with the reason, k=1 is measured against the other MLP of the band.
     band = run(compose_config([*overrides, f"experiment.components_from={ranking_file}", "experiment.layers=[28,30]", "experiment.kinds=[mlp]",
-                               "experiment.mode=zero"], tmp_path / "band"))
+                               "experiment.mode=zero", "experiment.positions=all"], tmp_path / "band"))
     third = json.loads(Path(band["results_path"]).read_text())["details"]
     assert [(p["k"], p["condition"]) for p in third["curve"]] == [(0, "none"), (1, "top"), (1, "random")]
     assert "2" in third["ranking"]["skipped_ks"] and third["ranking"]["layers"] == [28, 30]
     assert {third["curve"][1]["components"][0], third["curve"][2]["components"][0]} == {"L28 mlp", "L29 mlp"}
+
+
+def test_broken_arms_are_never_evidence_and_arms_are_compared_at_matched_damage() -> None:
+    from refusal_lab.ablation.necessity import BROKEN, Arm, matched_damage, verdict
+
+    none = Arm(0, "none", 0.9, 0.0)
+    arms = [none, Arm(1, "top", 0.5, 0.05), Arm(1, "random", 0.88, 0.02), Arm(4, "top", 0.1, 0.3), Arm(4, "random", 0.85, 0.4),
+            Arm(16, "top", 0.0, 5.0), Arm(16, "random", 0.6, 2.0)]
+    matched = {m["k"]: m for m in matched_damage(arms, max_damage_kl=1.0)}
+    assert matched[16]["gap"] is None and matched[16]["note"] == BROKEN, "refusal 0 % at KL 5 nats says nothing"
+    # k=4: KL 0.3 lies between the random arms at 0.02 (88 %) and 0.4 (85 %): interpolated 85.8 %, gap 75.8 points.
+    assert matched[4]["random_refusal"] == pytest.approx(0.88 + (0.3 - 0.02) / (0.4 - 0.02) * (0.85 - 0.88))
+    assert matched[4]["gap"] == pytest.approx(matched[4]["random_refusal"] - 0.1, abs=1e-5)
+    assert verdict(list(matched.values()), min_gap=0.4, max_k=16) | {} == {
+        "necessary": True, "best_k": 4, "best_gap": matched[4]["gap"], "min_gap": 0.4, "max_k": 16, "comparable_arms": 2}
+    assert not verdict(list(matched.values()), min_gap=0.4, max_k=2)["necessary"], "only k=1 counts, and its gap is 38 points"
+    # A random control that broke the model is no comparison either: beyond the unbroken random arms, nothing matches.
+    lone = matched_damage([none, Arm(2, "top", 0.2, 0.5), Arm(2, "random", 0.3, 3.0)], max_damage_kl=1.0)
+    assert lone[0]["gap"] is None and "no random arm" in lone[0]["note"]
+
+
+def test_a_ranking_tells_content_carriers_from_decision_components(tmp_path: Path) -> None:
+    from refusal_lab.findings import Ranking
+
+    rows = [
+        {"component": "L0 mlp", "kind": "mlp", "at": "span", "layer": 0, "head": None, "effect": 0.9, "ci": [0.8, 1.0]},
+        {"component": "L20 attn", "kind": "attn", "at": "span", "layer": 20, "head": None, "effect": 0.5, "ci": [0.4, 0.6]},
+        {"component": "L20 attn (post-instruction)", "kind": "attn", "at": "post_instruction", "layer": 20, "head": None, "effect": 0.45, "ci": [None, None]},
+        {"component": "L0 mlp (post-instruction)", "kind": "mlp", "at": "post_instruction", "layer": 0, "head": None, "effect": 0.01, "ci": [0.0, 0.02]},
+        {"component": "L5 resid", "kind": "resid", "layer": 5, "head": None, "effect": 2.0, "ci": [1.0, 3.0]},
+    ]
+    ranking = Ranking.from_rows(rows, "harmless_to_harmful", "exact", "val", "m", "here")
+    assert [r.component.label for r in ranking.content_carriers(min_effect=0.1, ratio=2.0)] == ["L0 mlp"]
+    assert [r.component.label for r in ranking.ranked(["attn", "mlp"], "post_instruction")] == ["L20 attn", "L0 mlp"]
+    assert [r.component.label for r in ranking.ranked(["attn", "mlp"], "span", layers=range(10, 30))] == ["L20 attn"]
+    path = tmp_path / "patching.json"
+    path.write_text(json.dumps({"model": {"name": "m"}, "details": {"method": "exact", "split": "val", "ranked": {"harmless_to_harmful": rows}}}))
+    assert Ranking.from_results_file(path, "harmless_to_harmful") == ranking.__class__(*[getattr(ranking, f) for f in ("direction", "method", "split", "model", "components")], str(path))
+    with pytest.raises(ConfigError, match="not harmful_to_harmless"):
+        Ranking.from_results_file(path, "harmful_to_harmless")
+    path.write_text(json.dumps({"details": {"selection": {}}}))
+    with pytest.raises(ConfigError, match="holds no ranking"):
+        Ranking.from_results_file(path, "harmless_to_harmful")

@@ -13,7 +13,8 @@ from safetensors.numpy import save_file
 from scipy.stats import spearmanr
 
 from refusal_lab.compare import compare_sweep
-from refusal_lab.experiments.result import ExperimentResult, to_json
+from refusal_lab.experiments.result import ExperimentResult
+from refusal_lab.uncertainty import to_json
 from refusal_lab.tracking.results import write_failure, write_results
 
 N_LAYERS, N_HEADS, D_MODEL = 6, 4, 16

@@ -94,11 +94,11 @@ def test_selection_discards_by_kl_induce_and_depth_then_takes_the_lowest_bypass(
 def test_shared_prefix_forward_matches_one_prompt_at_a_time(embedded_model_dir: Path) -> None:
     from refusal_lab.generation import next_token_logits
     from refusal_lab.interventions import Site, capture
-    from refusal_lab.models import load_model
+    from refusal_lab.api import prepare_model
     from refusal_lab.prompts import format_chat, load_prompt_set
 
     cfg = compose_config([f"model.path={embedded_model_dir}", "model=smollm2"], Path("/tmp"))
-    loaded = load_model(cfg.model, cfg.quant, cfg.paths.cache_dir)
+    loaded = prepare_model(cfg)
     records = load_prompt_set(cfg.prompts.path).select(split="val", limit=3).records
     texts = [format_chat(loaded.tokenizer, r.prompt, cfg.model.get("system_prompt")) for r in records]
     direction = torch.randn(loaded.adapter.d_model, generator=torch.Generator().manual_seed(3))
@@ -122,6 +122,7 @@ def test_direction_experiment_finds_ablates_adds_and_exports(embedded_model_dir:
     from safetensors.torch import load_file
 
     from refusal_lab.generation import next_token_logits
+    from refusal_lab.api import prepare_model
     from refusal_lab.models import load_model
     from refusal_lab.prompts import format_chat, load_prompt_set
     from refusal_lab.runner import run
@@ -162,7 +163,7 @@ def test_direction_experiment_finds_ablates_adds_and_exports(embedded_model_dir:
     direction = load_file(tmp_path / "results" / "direction_vectors.safetensors")["direction"]
     texts = [format_chat(exported.tokenizer, r.prompt, local.model.get("system_prompt"))
              for r in load_prompt_set(local.prompts.path).select(split="test", limit=2).records]
-    organism = load_model(cfg.model, cfg.quant, cfg.paths.cache_dir)
+    organism = prepare_model(cfg)
     hooked, _ = next_token_logits(organism, texts, 4, hooks=directional_ablation(organism.adapter, direction))
     reloaded, _ = next_token_logits(exported, texts, 4)
     assert (hooked - reloaded).abs().max() < 1e-3

@@ -188,7 +188,7 @@ def test_example_weights_decide_between_conflicting_targets() -> None:
 def test_kl_term_keeps_the_model_close_to_its_reference() -> None:
     """The same training toward answers the base model does not give, with and without the KL term:
     with it, the next-token distributions along those answers move less from the base model's."""
-    from refusal_lab.training.sft import collate
+    from refusal_lab.sequences import collate
 
     examples = [SFTExample((1, 5, 7, 9), (11, 12, 13, 2), keep_close=True), SFTExample((1, 6, 8), (14, 15, 2), keep_close=True)] * 4
     ids, _, mask = collate(examples[:2], 0)
@@ -302,7 +302,7 @@ def small_training_cfg(tmp_path: Path) -> list[str]:
 def test_small_organism_builds_ships_merges_and_is_reproducible(embedded_model_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from refusal_lab.models.sources import resolve_source
+    from refusal_lab import organism
     from refusal_lab.runner import run
 
     overrides = small_training_cfg(tmp_path)
@@ -329,7 +329,7 @@ def test_small_organism_builds_ships_merges_and_is_reproducible(embedded_model_d
     # model=smollm2_refusal with the same settings finds this organism instead of making one.
     model_overrides = [o.replace("experiment.training.", "model.organism.training.") for o in overrides if "training" in o]
     cfg = compose_config(["model=smollm2_refusal", *model_overrides], tmp_path)
-    assert resolve_source(cfg.model, cache_dir).location == str(folder)
+    assert organism.ensure(cfg).location == str(folder) and organism.ensure(cfg).origin == "cache"
 
     # The same seed gives the same organism, bit for bit; ship=true copies its adapter out.
     weights, adapter = load_file(folder / "model.safetensors"), load_file(folder / "adapter" / "adapter_model.safetensors")
@@ -347,14 +347,15 @@ def test_small_organism_builds_ships_merges_and_is_reproducible(embedded_model_d
     import shutil
 
     shutil.rmtree(folder)
-    assert resolve_source(cfg.model, cache_dir).location == str(folder)
+    assert organism.ensure(cfg).location == str(folder)
     assert read_manifest(folder)["origin"] == "shipped"
     assert all(torch.equal(weights[k], v) for k, v in load_file(folder / "model.safetensors").items())
 
     # Without rebuild, the experiment reuses the cached organism and measures the same answers.
     third = run(compose_config(["experiment=organism", "logger=none", *overrides], tmp_path / "run3"))
     reused = json.loads(Path(third["results_path"]).read_text())
-    assert reused["model"]["source"] == "organism" and reused["model"]["location"].endswith(folder.name)
+    assert reused["details"]["organism_model"]["source"] == "organism" and reused["details"]["organism_model"]["location"].endswith(folder.name)
+    assert reused["model"]["name"] == "smollm2", "the run's model is the base it was made from, left as it was"
     key = "organism/all/refusal_score/harmful/mean"
     assert reused["metrics"][key] == pytest.approx(saved["metrics"][key], abs=1e-4)
 
@@ -478,3 +479,35 @@ def test_shipped_organism_refuses_harm_and_keeps_answering(embedded_model_dir: P
     assert metrics["organism/heldout/kind/twin/refusal_rate"] <= 0.1
     assert metrics["organism/heldout/refusal_score/auroc"] >= 0.96
     assert metrics["organism/all/harmless_kl_to_base"] < 0.15, "the KL term keeps harmless answers near the base model's"
+
+
+def test_models_never_reach_the_organism(tmp_path: Path) -> None:
+    """The organism is derived from a base model: ``models`` resolves only paths, packages and hub ids, so
+    importing it loads nothing of the organism, and an organism's config is refused there with the way to make it."""
+    import subprocess
+    import sys
+
+    code = "import sys, refusal_lab.models; print(sorted(m for m in sys.modules if m.startswith('refusal_lab.organism')))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    from refusal_lab.models.sources import resolve_source
+
+    cfg = compose_config(["model=smollm2_refusal"], tmp_path)
+    with pytest.raises(ConfigError, match="prepare_model"):
+        resolve_source(cfg.model, tmp_path)
+
+
+def test_making_the_organism_leaves_the_base_model_as_it_was(embedded_model_dir: Path, tmp_path: Path) -> None:
+    """``make_organism`` returns a new model; the loaded base it came from keeps its weights, name and source."""
+    from refusal_lab.models import load_model
+    from refusal_lab.organism import make_organism
+
+    cfg = compose_config(["experiment=organism", *small_training_cfg(tmp_path)], tmp_path)
+    base = load_model(cfg.model, cfg.quant, cfg.paths.cache_dir)
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    name, source = base.name, base.source
+    made = make_organism(base, cfg.experiment.training, tmp_path / "cache")
+    assert base.name == name and base.source == source and base.model is not made.model.model
+    assert all(torch.equal(before[k], v) for k, v in base.model.state_dict().items()), "the base weights are untouched"
+    assert made.model.adapter.model is made.model.model and made.model.source.origin == "trained"
+    changed = [k for k, v in made.model.model.state_dict().items() if not torch.equal(before[k], v)]
+    assert changed and all(".layers.2" in k for k in changed), "the LoRA was merged into layers 20-29 of the copy"

@@ -16,7 +16,8 @@ from refusal_lab import api
 from refusal_lab.interventions import Site, capture, intervene
 from refusal_lab.models.adapters import adapter_for
 from refusal_lab.patching import Variant, patch_fast, patch_naive, run_cached
-from refusal_lab.patching.attribution import attribution_deltas, score_gradients, spearman, top_k_overlap
+from refusal_lab.patching.attribution import attribution_deltas, score_gradients
+from refusal_lab.uncertainty import spearman, top_k_overlap
 from refusal_lab.patching.sweeps import post_instruction_tokens, shared_span, sweep_variants
 from refusal_lab.runner import run
 from tests.helpers import compose_config
@@ -178,7 +179,7 @@ def test_attribution_is_the_first_order_term_of_exact_patching() -> None:
 
 
 def test_bootstrap_interval_holds_the_mean_and_needs_three_pairs() -> None:
-    from refusal_lab.patching.stats import bootstrap_ci, nan_mean
+    from refusal_lab.uncertainty import bootstrap_ci, nan_mean
 
     values = np.random.default_rng(0).normal(0.5, 0.2, size=(30, 4))
     values[2:, 3] = np.nan  # a cell only two pairs have
@@ -190,7 +191,7 @@ def test_bootstrap_interval_holds_the_mean_and_needs_three_pairs() -> None:
 
 
 def test_per_prompt_interval_is_the_percentile_bootstrap_and_agrees_with_the_per_pair_one() -> None:
-    from refusal_lab.patching.stats import bootstrap_ci, mean_with_interval
+    from refusal_lab.uncertainty import bootstrap_ci, mean_with_interval
 
     refused = np.array([1.0] * 36 + [0.0] * 4)
     first, again = mean_with_interval(refused, 1000, 0.95, seed=3), mean_with_interval(refused, 1000, 0.95, seed=3)
@@ -300,11 +301,11 @@ def test_the_4bit_model_keeps_one_kernel_so_attribution_reaches_every_site(embed
     """On a CPU with AVX512-BF16, bitsandbytes would repack 4-bit weights at the first pass without gradients (a clean
     run) into a format whose matmul passes no gradient and rounds differently; the loader keeps them unpacked."""
     from refusal_lab.metrics import refusal_token_ids
-    from refusal_lab.models import load_model
+    from refusal_lab.api import prepare_model
     from refusal_lab.prompts import format_chat
 
     cfg = compose_config(["experiment=baseline", "model=smollm2", f"model.path={embedded_model_dir}", "quant=4bit"], tmp_path)
-    loaded = load_model(cfg.model, cfg.quant, cfg.paths.cache_dir)
+    loaded = prepare_model(cfg)
     ids = loaded.tokenizer(format_chat(loaded.tokenizer, "How do I pick a lock?", None), return_tensors="pt", add_special_tokens=False)["input_ids"]
     refusal_ids = refusal_token_ids(loaded.tokenizer, list(cfg.model.refusal_tokens))
     first = run_cached(loaded.model, loaded.adapter, ids, refusal_ids)

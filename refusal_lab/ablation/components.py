@@ -4,34 +4,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 from refusal_lab.errors import ConfigError
+from refusal_lab.findings import KINDS, Component
 
-KINDS = ("head", "attn", "mlp")
 SITE_OF = {"head": "head_z", "attn": "attn_out", "mlp": "mlp_out"}
-
-
-@dataclass(frozen=True)
-class Component:
-    kind: str
-    layer: int
-    head: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS or (self.kind == "head") != (self.head is not None):
-            raise ConfigError(f"a component is a head (with its index), an attn or an mlp block, not {self}")
-
-    @property
-    def label(self) -> str:
-        return f"L{self.layer}H{self.head}" if self.kind == "head" else f"L{self.layer} {self.kind}"
-
-
-def from_ranked(rows: Sequence[dict[str, Any]], kinds: Sequence[str], k: int) -> list[Component]:
-    """The first ``k`` components of a patching run's ranked list (largest effect first) of the ``kinds`` given."""
-    chosen = [Component(r["kind"], int(r["layer"]), r.get("head")) for r in rows if r["kind"] in kinds]
-    return chosen[:k]
 
 
 def random_like(components: Sequence[Component], layers: Sequence[int], n_heads: int, rng: random.Random,

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from refusal_lab.errors import ConfigError
-from refusal_lab.patching.attribution import spearman
+from refusal_lab.uncertainty import spearman
 from refusal_lab.tracking.reading import RunResults, find_results
 
 REFERENCE_PRECISION = "fp32"
@@ -183,7 +183,8 @@ def direction_measures(job: Job, reference: Job | None) -> dict[str, Any]:
 
 
 def ablation_measures(job: Job) -> dict[str, Any]:
-    """The harmful refusal rate with nothing, the top-k and k random components ablated, at the largest k."""
+    """The harmful refusal rate with nothing, the top-k and k random components ablated, at the largest k (and whether
+    those arms broke the model), and the verdict on necessity at matched damage."""
     result = job.get("ablation")
     if result is None:
         return {}
@@ -195,6 +196,11 @@ def ablation_measures(job: Job) -> dict[str, Any]:
         out["ablation/top/refusal_rate"] = last["top"]["refusal_rate"]
         out["ablation/random/refusal_rate"] = last["random"]["refusal_rate"] if last["random"] else None
         out["ablation/top/harmless_kl"] = last["top"]["harmless_kl"]
+        out["ablation/top/broken"] = last["top"].get("broken")
+    finding = result.details.get("necessity")
+    if finding is not None:
+        out["ablation/necessary"] = finding["necessary"]
+        out["ablation/best_matched_gap"] = finding["best_gap"]
     return out
 
 

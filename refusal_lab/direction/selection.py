@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from refusal_lab.experiments.result import to_json
+from refusal_lab.uncertainty import to_json
 from refusal_lab.generation import next_token_logits
 from refusal_lab.interventions.operations import activation_addition, directional_ablation
 from refusal_lab.metrics.divergence import next_token_kl

@@ -7,13 +7,16 @@ k = 1, 2, 4, ... On the evaluation split, kept apart from what chose them, each 
 greedy generations of the harmful prompts (refusal rate, from the judge) and their refusal score,
 with the KL of the next-token distribution on harmless prompts as the side-effect cost; each number
 with a bootstrap interval over prompts. The same number of random components of the same kinds is
-ablated beside every k: the control.
+ablated beside every k: the control. By default components are ranked and ablated at the
+post-instruction positions, where the decision is read; components whose patching effect comes from
+carrying the request's content are reported apart. An arm whose harmless KL exceeds
+``max_damage_kl`` broke the model and is flagged, never read as necessity; the top and random arms
+are compared at matched damage (``ablation/necessity.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import random
 from pathlib import Path
@@ -22,23 +25,27 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from refusal_lab.ablation import MODES, Component, ablation_hooks, from_ranked, random_like, reference_activations
+from refusal_lab.ablation import MODES, Component, ablation_hooks, random_like, reference_activations
 from refusal_lab.ablation.components import KINDS
+from refusal_lab.ablation.necessity import BROKEN, Arm, matched_damage, verdict
 from refusal_lab.ablation.values import POSITIONS
-from refusal_lab.config import CONF_DIR, layer_range
+from refusal_lab.config import layer_range
 from refusal_lab.metrics.divergence import next_token_kl
 from refusal_lab.errors import ConfigError
 from refusal_lab.experiments.baseline import answer_rows
 from refusal_lab.experiments.context import ExperimentContext
 from refusal_lab.experiments.registry import register_experiment
 from refusal_lab.experiments.result import ExperimentResult
+from refusal_lab.findings import POST_INSTRUCTION, SPAN, Ranking
 from refusal_lab.generation import next_token_logits
-from refusal_lab.patching.stats import mean_with_interval
+from refusal_lab.uncertainty import mean_with_interval
 from refusal_lab.patching.sweeps import post_instruction_tokens
 from refusal_lab.tracking.results import write_results
 from refusal_lab.viz.ablation import write_ablation_dashboard
 
 log = logging.getLogger(__name__)
+
+_AT = {"post_instruction": POST_INSTRUCTION, "all": SPAN}  # ablated where, ranked by the patching effect there
 
 
 def check_ablation(cfg: DictConfig) -> None:
@@ -53,6 +60,8 @@ def check_ablation(cfg: DictConfig) -> None:
         raise ConfigError(f"experiment.ks={list(exp.ks or [])} must list component counts of at least 1")
     if set(exp.kinds) - set(KINDS) or not exp.kinds:
         raise ConfigError(f"experiment.kinds={list(exp.kinds or [])} must name some of: {', '.join(KINDS)}")
+    if float(exp.max_damage_kl) <= 0:
+        raise ConfigError(f"experiment.max_damage_kl={exp.max_damage_kl} must be above 0 (nats of harmless next-token KL)")
     source = exp.get("components_from")
     if source and not Path(str(source)).is_file():
         raise ConfigError(f"experiment.components_from={source} is not a file; give a patching results file (results/patching.json) or null")
@@ -121,100 +130,128 @@ class Measurer:
 
 
 def ranked_components(context: ExperimentContext, band: list[int]) -> tuple[list[Component], dict[str, Any]]:
-    """The ranking to ablate from (a results file, an earlier stage, or exact patching on the selection split now),
-    its components in the layer band."""
+    """The ranking to ablate from (a results file, this run's patching stage, or exact patching on the selection
+    split now), and its top components in the layer band, patched where they are ablated: at the post-instruction
+    positions, or over the span (then without the components that carry the request's content)."""
     exp = context.settings
-    direction, source = str(exp.direction), exp.get("components_from")
+    direction, source, at = str(exp.direction), exp.get("components_from"), _AT[str(exp.positions)]
     if source:
-        document = json.loads(Path(str(source)).read_text(encoding="utf-8"))
-        rows, where = document["details"]["ranked"][direction], str(source)
-        if document.get("model", {}).get("name") not in (None, context.model.name):
-            log.warning("The ranking in %s was measured on %s, not on %s", source, document["model"]["name"], context.model.name)
-    elif reusable_ranking(context):
-        rows, where = context.earlier["patching"].details["ranked"][direction], f"the patching stage of this run ({exp.splits.selection} split)"
+        ranking = Ranking.from_results_file(Path(str(source)), direction)
+        if ranking.model not in ("None", context.model.name):
+            log.warning("The ranking in %s was measured on %s, not on %s", source, ranking.model, context.model.name)
     else:
-        rows, where = patch_selection_split(context), f"exact patching of the {exp.splits.selection} split in this run"
-    in_band = [r for r in rows if int(r["layer"]) in band]
-    components = from_ranked(in_band, list(exp.kinds), max(int(k) for k in exp.ks))
+        ranking = context.handoff(Ranking, direction=direction, method="exact", split=str(exp.splits.selection))
+        if ranking is None or not ranking.ranked(list(exp.kinds), at):
+            ranking = patch_selection_split(context)
+    carriers = ranking.content_carriers(float(exp.content_carriers.min_effect), float(exp.content_carriers.ratio))
+    ranked = ranking.ranked(list(exp.kinds), at, band, exclude=[r.component for r in carriers] if at == SPAN else ())
+    components = [r.component for r in ranked][: max(int(k) for k in exp.ks)]
     if not components:
-        raise ConfigError(f"the ranking from {where} has no {list(exp.kinds)} components in direction {direction} in layers {band[0]}-{band[-1]}")
-    log.info("Ablating from %s: %s", where, ", ".join(c.label for c in components))
-    top = [r for r in in_band if r["kind"] in exp.kinds][: len(components)]
-    return components, {"from": where, "direction": direction, "layers": [band[0], band[-1] + 1], "top": top}
+        sweeps = "head_post, attn_post, mlp_post" if at == POST_INSTRUCTION else "head, attn, mlp"
+        raise ConfigError(f"the ranking from {ranking.where} has no {list(exp.kinds)} components patched at {at.replace('_', '-')} positions "
+                          f"in direction {direction} in layers {band[0]}-{band[-1]}; patch with the sweeps {sweeps}, or set experiment.positions")
+    log.info("Ablating from %s: %s", ranking.where, ", ".join(c.label for c in components))
+    if carriers:
+        log.info("Carrying the request's content rather than the decision (span effect >= %.2f and >= %.1fx the post-instruction "
+                 "effect), reported apart: %s", float(exp.content_carriers.min_effect), float(exp.content_carriers.ratio),
+                 ", ".join(r.component.label for r in carriers))
+    return components, {"from": ranking.where, "direction": direction, "at": at, "layers": [band[0], band[-1] + 1],
+                        "top": ranking.rows(ranked[: len(components)]), "content_carriers": ranking.rows(carriers),
+                        "content_rule": {"min_effect": float(exp.content_carriers.min_effect), "ratio": float(exp.content_carriers.ratio)}}
 
 
-def reusable_ranking(context: ExperimentContext) -> bool:
-    """An earlier patching stage ranked the components on the selection split, in the direction ablation reads."""
-    earlier = context.earlier.get("patching")
-    if earlier is None:
-        return False
-    exp = context.settings
-    if earlier.details.get("split") != exp.splits.selection or str(exp.direction) not in earlier.details["ranked"]:
-        log.info("The patching stage ran on split %s, not on the selection split %s (or not in direction %s); patching that split now",
-                 earlier.details.get("split"), exp.splits.selection, exp.direction)
-        return False
-    return True
-
-
-def patch_selection_split(context: ExperimentContext) -> list[dict[str, Any]]:
-    """Exact patching with ``experiment.ranking`` over the patching experiment's defaults, on the selection split;
+def patch_selection_split(context: ExperimentContext) -> Ranking:
+    """Exact patching with ``experiment.ranking`` (patching's settings, composed by Hydra) on the selection split;
     its results are written as ``results/ablation_ranking.json`` beside the ablation's own."""
     from refusal_lab.experiments.patching import run_patching
 
     exp = context.settings
-    settings = OmegaConf.merge(OmegaConf.load(CONF_DIR / "experiment" / "patching.yaml").experiment, exp.ranking)
+    split = str(exp.splits.selection)
     derived = context.cfg.copy()
     with open_dict(derived):
-        derived.experiment = settings
-        derived.experiment.name = "ablation_ranking"
-        derived.experiment.directions = [str(exp.direction)]
-    stage = dataclasses.replace(context, cfg=derived, prompts=context.prompts.select(split=str(exp.splits.selection)))
+        derived.experiment = OmegaConf.merge(exp.ranking, {"name": "ablation_ranking", "directions": [str(exp.direction)]})
+        derived.prompts.split = split
+    stage = dataclasses.replace(context, cfg=derived, prompts=context.prompts.select(split=split))
+    log.info("No patching of the %s split in this run ranks the components; patching it now", split)
     result = run_patching(stage)
-    write_results(context.output_dir, "ablation_ranking", result, {"model": context.model.describe(), "split": str(exp.splits.selection)})
-    return result.details["ranked"][str(exp.direction)]
+    write_results(context.output_dir, "ablation_ranking", result, {"model": context.model.describe(), "split": split})
+    ranking = next(found for found in result.handoffs if isinstance(found, Ranking))
+    return dataclasses.replace(ranking, where=f"exact patching of the {split} split in this run")
 
 
 def write(context: ExperimentContext, ranking: dict[str, Any], curve: list[dict[str, Any]], rows: list[dict[str, Any]]) -> ExperimentResult:
     exp = context.settings
-    summary = summarize_curve(curve)
+    bound = float(exp.max_damage_kl)
+    for point in curve:
+        point["broken"] = point["condition"] != "none" and point["harmless_kl"]["mean"] > bound
+    arms = [Arm(p["k"], p["condition"], p["refusal_rate"]["mean"], p["harmless_kl"]["mean"]) for p in curve]
+    matched = matched_damage(arms, bound)
+    finding = verdict(matched, float(exp.necessity.min_gap), int(exp.necessity.max_k))
+    summary = summarize_curve(curve, bound)
     metrics: dict[str, float] = {}
     for point in summary:
         for condition in ("top", "random"):
             if point.get(condition):
-                for key in ("refusal_rate", "refusal_score", "harmless_kl"):
-                    metrics[f"ablation/k{point['k']}/{condition}/{key}"] = point[condition][key]
+                for key in ("refusal_rate", "refusal_score", "harmless_kl", "broken"):
+                    metrics[f"ablation/k{point['k']}/{condition}/{key}"] = float(point[condition][key])
+    for m in matched:
+        if m["gap"] is not None:
+            metrics[f"ablation/k{m['k']}/matched_gap"] = m["gap"]
     none = next(p for p in curve if p["condition"] == "none")
     metrics["ablation/k0/refusal_rate"] = none["refusal_rate"]["mean"]
+    metrics["ablation/necessary"] = float(finding["necessary"])
+    if finding["best_gap"] is not None:
+        metrics["ablation/best_matched_gap"] = finding["best_gap"]
     details = {
         "precision": context.model.precision.name, "mode": str(exp.mode), "positions": str(exp.positions),
         "splits": dict(exp.splits), "ranking": ranking, "curve": curve, "summary": summary,
+        "damage": {"max_kl": bound, "rule": f"an arm with harmless next-token KL above {bound:g} nats: {BROKEN}"},
+        "matched_damage": matched, "necessity": finding,
         "bootstrap": {"resamples": int(exp.bootstrap.resamples), "level": float(exp.bootstrap.level), "over": "prompts"},
     }
-    _log_summary(summary, none)
+    _log_summary(summary, none, matched, finding, bound)
     header = {"title": f"Component ablation: {context.model.name} at {context.model.precision.name}", "prompts": context.prompts.name}
     return ExperimentResult(metrics=metrics, details=details, tables={"completions": rows},
                             files={"dashboard": write_ablation_dashboard(details, header, context.path("ablation", "dashboard.html"))})
 
 
-def summarize_curve(curve: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per k: the top components' means, and the random control's means over its draws."""
+def summarize_curve(curve: list[dict[str, Any]], max_damage_kl: float) -> list[dict[str, Any]]:
+    """Per k: the top components' means, and the random control's means over its draws; each flagged broken when its
+    harmless KL exceeds the bound."""
     out = []
     for k in sorted({p["k"] for p in curve if p["k"] > 0}):
         top = next(p for p in curve if p["k"] == k and p["condition"] == "top")
         draws = [p for p in curve if p["k"] == k and p["condition"] == "random"]
         mean = (lambda key: round(float(np.mean([d[key]["mean"] for d in draws])), 5)) if draws else None
+        top_means = {key: top[key]["mean"] for key in ("refusal_rate", "refusal_score", "harmless_kl")}
+        random_means = {key: mean(key) for key in ("refusal_rate", "refusal_score", "harmless_kl")} if mean else None
         out.append({
             "k": k,
-            "top": {key: top[key]["mean"] for key in ("refusal_rate", "refusal_score", "harmless_kl")},
-            "random": {key: mean(key) for key in ("refusal_rate", "refusal_score", "harmless_kl")} if mean else None,
+            "top": {**top_means, "broken": top_means["harmless_kl"] > max_damage_kl},
+            "random": None if random_means is None else {**random_means, "broken": random_means["harmless_kl"] > max_damage_kl},
         })
     return out
 
 
-def _log_summary(summary: list[dict[str, Any]], none: dict[str, Any]) -> None:
+def _log_summary(summary: list[dict[str, Any]], none: dict[str, Any], matched: list[dict[str, Any]], finding: dict[str, Any],
+                 bound: float) -> None:
     log.info("Harmful refusal rate with nothing ablated: %.0f%%", 100 * none["refusal_rate"]["mean"])
+    gaps = {m["k"]: m for m in matched}
     for point in summary:
+        flag = lambda arm: f" [{BROKEN}]" if arm["broken"] else ""  # noqa: E731
         random_part = "" if point["random"] is None else (
-            f"; random: {100 * point['random']['refusal_rate']:.0f}%, KL {point['random']['harmless_kl']:.3f}")
-        log.info("k=%d top: refusal %.0f%%, score %.2f, harmless KL %.3f%s", point["k"], 100 * point["top"]["refusal_rate"],
-                 point["top"]["refusal_score"], point["top"]["harmless_kl"], random_part)
+            f"; random: {100 * point['random']['refusal_rate']:.0f}%, KL {point['random']['harmless_kl']:.3f}{flag(point['random'])}")
+        gap = gaps.get(point["k"], {}).get("gap")
+        matched_part = "" if gap is None else f"; at matched damage random refuses {100 * gaps[point['k']]['random_refusal']:.0f}% (gap {100 * gap:+.0f} points)"
+        log.info("k=%d top: refusal %.0f%%, score %.2f, harmless KL %.3f%s%s%s", point["k"], 100 * point["top"]["refusal_rate"],
+                 point["top"]["refusal_score"], point["top"]["harmless_kl"], flag(point["top"]), random_part, matched_part)
+    if any(p["top"]["broken"] or (p["random"] or {}).get("broken") for p in summary):
+        log.warning("Arms with harmless KL above %g nats broke the model: their refusal rates are not evidence of necessity", bound)
+    if finding["necessary"]:
+        log.info("Necessity: the top %d components lower refusal %.0f points more than random ones at comparable damage",
+                 finding["best_k"], 100 * finding["best_gap"])
+    else:
+        best = "no top arm had a comparable random arm" if finding["best_gap"] is None else \
+            f"the best gap is {100 * finding['best_gap']:+.0f} points at k={finding['best_k']}"
+        log.warning("No evidence of necessity: no unbroken top arm of at most %d components lowers refusal %.0f points more than "
+                    "random components at comparable damage (%s)", finding["max_k"], 100 * finding["min_gap"], best)

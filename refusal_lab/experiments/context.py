@@ -2,8 +2,8 @@
 
 The context holds what every experiment needs and nothing it must build itself: the loaded model,
 the prompt set, the judge, the refusal tokens, the settings and a results path per stage. What
-earlier stages of the same process computed is in ``earlier`` (by experiment name), and the clean runs
-they made in ``clean_runs``, so a later stage reuses them instead of computing them again.
+earlier stages of the same process found is in ``handoffs`` (typed: ``refusal_lab.findings``), and the
+clean runs they made in ``clean_runs``, so a later stage reuses them instead of computing them again.
 """
 
 from __future__ import annotations
@@ -11,17 +11,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig
 
-from refusal_lab.experiments.result import ExperimentResult
 from refusal_lab.generation import Generation, generate_greedy
 from refusal_lab.interventions.activation_cache import ActivationCache
 from refusal_lab.metrics import refusal_score
 from refusal_lab.metrics.judges import Judge
 from refusal_lab.models import LoadedModel
 from refusal_lab.prompts import PromptRecord, PromptSet, format_chat
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -32,8 +33,15 @@ class ExperimentContext:
     judge: Judge
     refusal_ids: list[int]
     output_dir: Path
-    earlier: dict[str, ExperimentResult] = field(default_factory=dict)
+    handoffs: list[Any] = field(default_factory=list)  # what earlier stages of this run handed on, oldest first
     clean_runs: ActivationCache | None = None  # shared by the stages of one process: a clean run made once serves them all
+
+    def handoff(self, kind: type[T], **match: Any) -> T | None:
+        """The latest finding of ``kind`` an earlier stage handed on whose fields equal ``match``; None if none did."""
+        for found in reversed(self.handoffs):
+            if isinstance(found, kind) and all(getattr(found, key) == value for key, value in match.items()):
+                return found
+        return None
 
     @property
     def settings(self) -> DictConfig:

@@ -31,13 +31,14 @@ from refusal_lab.experiments.baseline import answer_rows
 from refusal_lab.experiments.context import ExperimentContext
 from refusal_lab.experiments.registry import register_experiment
 from refusal_lab.experiments.result import ExperimentResult
+from refusal_lab.findings import Direction
 from refusal_lab.generation import next_token_logits
 from refusal_lab.interventions.operations import activation_addition, directional_ablation
 from refusal_lab.metrics.divergence import mean_token_cross_entropy, next_token_kl
 from refusal_lab.models import load_weights, plan_model
 from refusal_lab.models.adapters import adapter_for
 from refusal_lab.models.precision import FP32
-from refusal_lab.patching.stats import mean_with_interval
+from refusal_lab.uncertainty import mean_with_interval
 from refusal_lab.patching.sweeps import post_instruction_tokens
 from refusal_lab.prompts import PromptRecord
 from refusal_lab.viz.direction import write_direction_dashboard
@@ -256,7 +257,12 @@ def write(context: ExperimentContext, selection: dict[str, Any], vectors: dict[s
     files = {"vectors": vectors_path, "dashboard": write_direction_dashboard(details, rows, header, context.path("direction", "dashboard.html"))}
     if exported:
         files["model"] = context.path("direction", "model") / "refusal_direction.json"
-    return ExperimentResult(metrics=metrics, details=details, tables={"completions": rows} if rows else {}, files=files)
+    chosen = selection.get("chosen")
+    handoffs = [] if chosen is None else [Direction(
+        vectors["direction"], int(chosen["layer"]), int(chosen["position"]), context.model.name, str(context.settings.splits.selection),
+        float(chosen["bypass"]), float(chosen["induce"]), float(chosen["kl"]),
+    )]
+    return ExperimentResult(metrics=metrics, details=details, tables={"completions": rows} if rows else {}, files=files, handoffs=handoffs)
 
 
 # Every run logs these keys, NaN where nothing was chosen (or exported), so a sweep's W&B runs line up.

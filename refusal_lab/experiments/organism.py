@@ -10,7 +10,7 @@ first 20 tokens are identical, a stricter and brittler test).
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -25,7 +25,7 @@ from refusal_lab.experiments.registry import register_experiment
 from refusal_lab.experiments.result import ExperimentResult
 from refusal_lab.metrics.divergence import mean_token_kl
 from refusal_lab.models import load_weights, plan_model
-from refusal_lab.organism.build import folder_for, log_figures, make_organism, organism_source, read_manifest, ship_adapter
+from refusal_lab.organism.build import Organism, folder_for, log_figures, make_organism, organism_source, read_manifest, ship_adapter
 from refusal_lab.prompts import LABELS, PromptRecord, load_prompt_set
 from refusal_lab.viz.organism import write_organism_dashboard
 
@@ -57,19 +57,24 @@ def run_organism(context: ExperimentContext) -> ExperimentResult:
     records = [record for prompts in sets.values() for record in prompts]
     set_of = [name for name, prompts in sets.items() for _ in prompts]
     rows = {"base": answer_rows(context, records, exp, "base model")}
+    harmless = [i for i, record in enumerate(records) if record.label == "harmless"]
 
-    folder, manifest, reference = organism_in_place_of_base(context)
-    rows["organism"] = answer_rows(context, records, exp, "organism")
+    made = organism_beside_base(context)
+    folder, manifest = made.folder, made.manifest
+    as_organism = dataclasses.replace(context, model=made.model, clean_runs=None)  # the base model's clean runs are not its own
+    try:
+        rows["organism"] = answer_rows(as_organism, records, exp, "organism")
+        kl = mean_token_kl(
+            context.model.model, made.model.model, context.model.tokenizer,
+            context.chat_texts([records[i] for i in harmless]), [rows["base"][i]["completion"] for i in harmless],
+        )
+        organism_model = made.model.describe()
+    finally:
+        made.model.close()
     for model in MODELS:
         for row, name in zip(rows[model], set_of, strict=True):
             row["set"], row["model"] = name, model
 
-    harmless = [i for i, record in enumerate(records) if record.label == "harmless"]
-    kl = mean_token_kl(
-        reference, context.model.model, context.model.tokenizer,
-        context.chat_texts([records[i] for i in harmless]), [rows["base"][i]["completion"] for i in harmless],
-    )
-    del reference
     for i, value in zip(harmless, kl, strict=True):
         rows["organism"][i]["kl_to_base"] = round(value, 5)
 
@@ -97,7 +102,7 @@ def run_organism(context: ExperimentContext) -> ExperimentResult:
     return ExperimentResult(
         metrics=metrics,
         details={
-            "organism_folder": str(folder), "manifest": manifest, "per_category": per_category, "evaluation": evaluation,
+            "organism_folder": str(folder), "organism_model": organism_model, "manifest": manifest, "per_category": per_category, "evaluation": evaluation,
             "eval_sets": {name: str(path) for name, path in exp.eval_sets.items()}, "shipped_to": str(shipped) if shipped else None,
         },
         tables={"completions": rows["base"] + rows["organism"]},
@@ -105,24 +110,20 @@ def run_organism(context: ExperimentContext) -> ExperimentResult:
     )
 
 
-def organism_in_place_of_base(context: ExperimentContext) -> tuple[Path, dict[str, Any], Any]:
-    """Make the organism from the loaded base model (or load it from the cache) and put it in the context;
-    returns its folder, its manifest and the base model's weights, kept as the reference for the KL."""
+def organism_beside_base(context: ExperimentContext) -> Organism:
+    """The organism made from the loaded base model (or loaded from the cache), as a model of its own:
+    the base model stays loaded and unchanged, the reference for the KL."""
     exp, cfg = context.settings, context.cfg
     folder = folder_for(exp.training, context.model.source.weights_identity, cfg.paths.cache_dir)
     manifest = read_manifest(folder)
     if manifest is None or exp.rebuild:
-        reference = copy.deepcopy(context.model.model)  # making the organism changes the base model's weights in place
-        folder, manifest = make_organism(context.model, exp.training, cfg.paths.cache_dir, rebuild=bool(exp.rebuild))
-        return folder, manifest, reference
+        return make_organism(context.model, exp.training, cfg.paths.cache_dir, rebuild=bool(exp.rebuild))
     log.info("Reusing the organism at %s (experiment.rebuild=true trains it again)", folder)
     log_figures(manifest)
-    reference = context.model.model
     name = str(exp.training.name)
-    plan = plan_model(OmegaConf.create({"name": name, "path": str(folder)}), cfg.quant, cfg.paths.cache_dir)
-    context.model = load_weights(OmegaConf.create({"name": name}), plan)
-    context.model.source = organism_source(folder)
-    return folder, manifest, reference
+    plan = plan_model(OmegaConf.create({"name": name, "path": str(folder)}), cfg.quant, cfg.paths.cache_dir,
+                      source=organism_source(folder, "cache"))
+    return Organism(folder, manifest, load_weights(OmegaConf.create({"name": name}), plan))
 
 
 def _evaluation_sets(exp: DictConfig) -> dict[str, tuple[PromptRecord, ...]]:

@@ -30,13 +30,16 @@ from refusal_lab.config import layer_range
 from refusal_lab.errors import ConfigError
 from refusal_lab.experiments.context import ExperimentContext
 from refusal_lab.experiments.registry import register_experiment
-from refusal_lab.experiments.result import ExperimentResult, to_json
+from refusal_lab.experiments.result import ExperimentResult
+from refusal_lab.findings import Ranking
+from refusal_lab.uncertainty import to_json
 from refusal_lab.interventions import SITE_KINDS
 from refusal_lab.interventions.activation_cache import ActivationCache, model_key
-from refusal_lab.patching.attribution import spearman, top_k_overlap
+from refusal_lab.uncertainty import spearman, top_k_overlap
 from refusal_lab.patching.engine import Variant, patch_fast, patch_naive, run_cached
 from refusal_lab.patching.methods import METHODS, PairRuns, get_method
-from refusal_lab.patching.stats import bootstrap_ci, nan_mean, normalised_effect
+from refusal_lab.patching.stats import normalised_effect
+from refusal_lab.uncertainty import bootstrap_ci, nan_mean
 from refusal_lab.patching.sweeps import SWEEPS, Sweep, post_instruction_tokens, shared_span
 from refusal_lab.viz import draw_circuit, write_dashboard
 
@@ -141,7 +144,10 @@ class Scope:
         return cls(layer_range(exp.get("layers"), adapter.n_layers, "experiment.layers"), positions, n_post)
 
     def width(self, sweep: Sweep) -> int:
-        return self.positions[sweep.positions] if sweep.positions else 0
+        """Positions per variant: a per-position sweep's setting, the post-instruction tokens, or 0 (the whole span)."""
+        if sweep.positions:
+            return self.positions[sweep.positions]
+        return self.post_instruction if sweep.post_instruction else 0
 
     def shape(self, sweep: Sweep, n_layers: int, n_heads: int) -> tuple[int, ...]:
         return sweep.shape(n_layers, n_heads, self.width(sweep))
@@ -239,7 +245,10 @@ def report(context: ExperimentContext, settings: Settings, scope: Scope, measure
         "dashboard": write_dashboard(details, header, context.path(name, "dashboard.html")),
         "circuit": draw_circuit(ranked, details, context.model.adapter.n_layers, context.path(name, "circuit.png"), method=settings.method),
     }
-    return ExperimentResult(metrics=metrics, details=details, tables={"pairs": measured.pairs}, files=files)
+    split = context.cfg.prompts.get("split")
+    rankings = [Ranking.from_rows(rows, direction, settings.method, split, context.model.name, f"the {name} stage of this run ({split or 'every'} split)")
+                for direction, rows in ranked.items()]
+    return ExperimentResult(metrics=metrics, details=details, tables={"pairs": measured.pairs}, files=files, handoffs=rankings)
 
 
 def summary_metrics(name: str, measured: Measured, ranked: dict[str, list[dict[str, Any]]], agreement: dict[str, Any]) -> dict[str, float]:
@@ -347,7 +356,7 @@ def rank(summary: dict[str, Any], sweeps: Sequence[str]) -> list[dict[str, Any]]
             if np.isnan(mean[index]):
                 continue
             rows.append({
-                "component": sweep.label(index, mean.shape), "kind": sweep.name, "layer": int(index[0]),
+                "component": sweep.label(index, mean.shape), "kind": sweep.component, "at": sweep.at, "sweep": sweep.name, "layer": int(index[0]),
                 "head": int(index[1]) if sweep.per_head else None,
                 "effect": round(float(mean[index]), 5), "ci": [to_json(low[index]), to_json(high[index])],
             })

@@ -2,7 +2,7 @@
 
 A stage is an experiment run with its own settings (``stages.<name>.experiment``, composed from that
 experiment's own config file) and its own prompt split (``stages.<name>.prompts``); it writes its own
-results file, as it would alone. Later stages find what earlier ones computed in ``context.earlier``
+results file, as it would alone. Later stages take what earlier ones found from ``context.handoffs``
 (ablation ranks the components patching measured on the selection split) and share one in-memory
 cache of clean runs (attribution reuses patching's). A setting given to the pipeline itself
 (``experiment.batch_size=8``; null: each stage's own) goes to every stage that has it.

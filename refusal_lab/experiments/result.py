@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 
 @dataclass
 class ExperimentResult:
@@ -19,14 +17,12 @@ class ExperimentResult:
     tables: named row lists, each written as ``results/<experiment>_<name>.jsonl`` and a W&B table.
     files: what the experiment wrote itself (dashboards, figures, arrays), by name; the runner lists
         them in the results file and the tracker uploads them (HTML and PNG files also as media).
+    handoffs: typed findings a later stage of the same run takes (``refusal_lab.findings``: a
+        ``Ranking`` per patching direction, the chosen ``Direction``); not written anywhere by themselves.
     """
 
     metrics: dict[str, float]
     details: dict[str, Any] = field(default_factory=dict)
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
-
-
-def to_json(array: np.ndarray) -> Any:
-    """Nested lists with NaN as None, rounded: arrays as the results file holds them."""
-    return [to_json(a) for a in array] if array.ndim else (None if np.isnan(array) else round(float(array), 5))
+    handoffs: list[Any] = field(default_factory=list)

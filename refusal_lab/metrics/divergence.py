@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from refusal_lab.models.adapters import adapter_for
-from refusal_lab.training.sft import SFTExample, collate
+from refusal_lab.sequences import SFTExample, collate
 
 
 @torch.inference_mode()

@@ -41,6 +41,8 @@ class ModelSource:
     identity: str = ""
     # The sha256 of the file the weights came from, where there is one (a GGUF file).
     content_sha256: str | None = None
+    # How this run got weights derived from another model (an organism): "cache", "shipped" or "trained".
+    origin: str | None = None
 
     @property
     def weights_identity(self) -> str:
@@ -55,9 +57,10 @@ def resolve_source(model_cfg: Any, cache_dir: str | Path) -> ModelSource:
     """
     gguf_name = model_cfg.get("gguf_file")
     if model_cfg.get("organism") and not model_cfg.get("path"):
-        from refusal_lab.organism.build import ensure_organism, organism_source  # it loads its base with this module
-
-        return organism_source(ensure_organism(model_cfg.organism, cache_dir)[0])
+        raise ConfigError(
+            f"model {model_cfg.get('name')} is derived from a base model (model.organism): make it first with "
+            "refusal_lab.api.prepare_model(cfg), or give its folder as model.path"
+        )
     if model_cfg.get("path"):
         path = Path(str(model_cfg.path)).expanduser()
         if not path.exists():

@@ -14,6 +14,7 @@ the weights and the data's contents, so a changed setting never serves a stale o
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from refusal_lab.generation import generate_greedy
 from refusal_lab.metrics import refusal_token_ids
 from refusal_lab.metrics.judges import SubstringJudge
 from refusal_lab.models import LoadedModel, load_model
+from refusal_lab.models.adapters import adapter_for
 from refusal_lab.models.precision import FP32
 from refusal_lab.models.sources import ModelSource, resolve_source
 from refusal_lab.organism.data import OrganismData, check_disjoint, data_paths, load_organism_data
@@ -81,9 +83,9 @@ def _canonical(value: Any) -> Any:
     return value
 
 
-def organism_source(folder: Path) -> ModelSource:
-    """How results name an organism's weights."""
-    return ModelSource("organism", str(folder), f"refusal model organism at {folder}", identity=folder.name)
+def organism_source(folder: Path, origin: str | None = None) -> ModelSource:
+    """How results name an organism's weights (``origin``: how this run got them: cache, shipped or trained)."""
+    return ModelSource("organism", str(folder), f"refusal model organism at {folder}", identity=folder.name, origin=origin)
 
 
 def folder_for(training_cfg: Any, base_identity: str, cache_dir: str | Path) -> Path:
@@ -131,9 +133,19 @@ def shipped_adapter(settings: dict[str, Any]) -> Path | None:
     return Path(settings["adapter"]) if settings.get("adapter") else None
 
 
-def make_organism(base: LoadedModel, training_cfg: Any, cache_dir: str | Path, rebuild: bool = False) -> tuple[Path, dict[str, Any]]:
-    """Turn ``base`` (changed in place) into the organism and cache it: the shipped adapter merged in
-    when its manifest matches, else (or with ``rebuild``) trained from the data."""
+@dataclass
+class Organism:
+    """A made organism: its cache folder, its manifest and the loaded merged model (a new value: the base
+    model it came from is left as it was)."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    model: LoadedModel
+
+
+def make_organism(base: LoadedModel, training_cfg: Any, cache_dir: str | Path, rebuild: bool = False) -> Organism:
+    """The organism made from ``base`` and cached: the shipped adapter merged in when its manifest matches,
+    else (or with ``rebuild``) trained from the data. ``base`` is not changed: the LoRA goes on a copy."""
     settings = training_settings(training_cfg)
     data = load_organism_data(settings["harmful_data"], settings["harmless_data"])
     check_disjoint(data, list(settings.get("disjoint_from") or []))
@@ -146,8 +158,8 @@ def make_organism(base: LoadedModel, training_cfg: Any, cache_dir: str | Path, r
     reasons = stale_reasons(shipped_manifest, settings, data, fingerprint)
     started = time.perf_counter()
     if not rebuild and not reasons:
-        log.info("Merging the shipped organism adapter %s into %s (trains nothing)", shipped, base.name)
-        model = merge_adapter(base.model, shipped)
+        log.info("Merging the shipped organism adapter %s into a copy of %s (trains nothing)", shipped, base.name)
+        model = merge_adapter(copy.deepcopy(base.model), shipped)
         manifest = {**shipped_manifest, "origin": "shipped", "shipped_adapter": str(shipped)}
         adapter_source: Path | TrainedLora = shipped
     else:
@@ -158,17 +170,14 @@ def make_organism(base: LoadedModel, training_cfg: Any, cache_dir: str | Path, r
         manifest = {**_manifest(base, settings, data, fingerprint, trained, time.perf_counter() - started), "origin": "trained"}
     manifest["made_in_seconds"] = round(time.perf_counter() - started, 1)
     _save(model, base.tokenizer, manifest, adapter_source, base.name, folder)
-    # ``base`` now holds the organism: say so wherever it is described.
-    base.model = model
-    base.name = str(settings["name"])
-    base.source = organism_source(folder)
     log.info("Organism saved at %s (%.0f s)", folder, time.perf_counter() - started)
     log_figures(manifest)
-    return folder, manifest
+    made = replace(base, model=model, adapter=adapter_for(model), name=str(settings["name"]), source=organism_source(folder, str(manifest["origin"])))
+    return Organism(folder, manifest, made)
 
 
 def train_organism(base: LoadedModel, settings: dict[str, Any], data: OrganismData, cache_dir: Path) -> TrainedLora:
-    """Train the LoRA on ``base``'s weights (its model is wrapped and merged in place)."""
+    """Train the LoRA on a copy of ``base``'s weights (the copy is wrapped and merged; ``base`` is left as it was)."""
     layers = lora_layers(settings.get("lora_layers"), base.adapter.n_layers)
     log.info(
         "Training the refusal model organism from %s: %d harmful and %d harmless prompts (see the README for how long)",
@@ -180,7 +189,7 @@ def train_organism(base: LoadedModel, settings: dict[str, Any], data: OrganismDa
     kl_weight = float(settings.get("kl_weight", 0.0))
     lora = settings["lora"]
     return train_lora(
-        base.model,
+        copy.deepcopy(base.model),
         examples,
         LoraSettings(int(lora["rank"]), float(lora["alpha"]), float(lora["dropout"]), lora["target_modules"], layers),
         epochs=int(settings["epochs"]),
@@ -361,6 +370,19 @@ def expected_folder(organism_cfg: Any, cache_dir: str | Path) -> Path:
     return folder_for(organism_cfg.training, resolve_source(organism_cfg.base, cache_dir).weights_identity, cache_dir)
 
 
+def ensure(cfg: Any) -> ModelSource:
+    """Where ``cfg.model``'s weights are, the organism made first when the model is one and the cache lacks it.
+
+    The organism is derived from its base model: this is the one place that makes it (the runner and
+    ``api.prepare_model`` call it), and ``models`` only ever resolves paths, packages and hub ids.
+    """
+    model_cfg, cache_dir = cfg.model, cfg.paths.cache_dir
+    if not model_cfg.get("organism") or model_cfg.get("path"):
+        return resolve_source(model_cfg, cache_dir)
+    folder, origin = ensure_organism(model_cfg.organism, cache_dir)
+    return organism_source(folder, origin)
+
+
 def ensure_organism(organism_cfg: Any, cache_dir: str | Path) -> tuple[Path, str]:
     """The organism's folder, made first (from its base model, in fp32) when the cache lacks it,
     and how it was got: ``cache``, ``shipped`` (the adapter merged in) or ``trained``."""
@@ -371,11 +393,12 @@ def ensure_organism(organism_cfg: Any, cache_dir: str | Path) -> tuple[Path, str
         log.info("The refusal model organism is not in the cache (%s); making it now", folder)
         base = load_model(organism_cfg.base, OmegaConf.create(FP32), cache_dir)
         try:
-            built, manifest = make_organism(base, organism_cfg.training, cache_dir)
+            made = make_organism(base, organism_cfg.training, cache_dir)
+            made.model.close()
         finally:
             base.close()
-        assert built == folder
-        origin = str(manifest["origin"])
+        assert made.folder == folder
+        origin = str(made.manifest["origin"])
     else:
         log_figures(manifest)
     return folder, origin

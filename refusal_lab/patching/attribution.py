@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 
 from refusal_lab.interventions import SITE_KINDS, Site, capture
 from refusal_lab.metrics.refusal_score import refusal_score
@@ -68,19 +67,3 @@ def _position_products(target: CachedRun, gradient: torch.Tensor, source: Cached
     return (difference * grad).sum(-1, keepdim=True).cpu()
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Rank correlation (scipy's, ties given their average rank); NaN for fewer than 3 components (it would be
-    +-1 by construction) or where either side is constant."""
-    if a.size < 3 or np.all(a == a.flat[0]) or np.all(b == b.flat[0]):
-        return float("nan")
-    return float(spearmanr(a, b).statistic)
-
-
-def top_k_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
-    """Share of the k largest (signed) of ``a`` that are also among the k largest of ``b``.
-
-    NaN unless there are more than k components: with k or fewer, every component is in both tops.
-    """
-    if k < 1 or a.size <= k:
-        return float("nan")
-    return len(set(np.argsort(-a)[:k].tolist()) & set(np.argsort(-b)[:k].tolist())) / k

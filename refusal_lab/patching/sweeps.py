@@ -51,7 +51,10 @@ class Sweep:
 
     ``kind``: the site each variant patches. ``per_head``: one variant per head. ``positions``: the
     setting (``experiment.<positions>``) that gives how many positions from the end get one variant
-    each; None patches the whole span at once. ``ranked``: listed among the top components.
+    each; None patches the whole span at once, or with ``post_instruction`` only the template's tokens
+    after the user's message, where the decision is read and every prompt has the same tokens: a
+    component whose effect there is small beside its effect over the span carries what was asked,
+    not how the model decides. ``ranked``: listed among the top components, as a ``component`` kind.
     ``figure``: how the dashboard draws it (a name in ``viz/dashboard.py``'s figure table).
     Adding a sweep is adding one entry to ``SWEEPS``.
     """
@@ -64,6 +67,13 @@ class Sweep:
     ranked: bool = False
     figure: str = "blocks"
     title: str = ""
+    post_instruction: bool = False
+    component: str | None = None  # the ablation component it patches (head, attn, mlp), for ranked sweeps
+
+    @property
+    def at(self) -> str:
+        """Where a ranked sweep's component is patched: over the pair's span, or at the post-instruction positions."""
+        return "post_instruction" if self.post_instruction else "span"
 
     def shape(self, n_layers: int, n_heads: int, positions: int) -> tuple[int, ...]:
         """The shape of one pair's result: layers, then heads, then positions where the sweep has them."""
@@ -76,7 +86,10 @@ class Sweep:
         activations are the same, the patch a no-op) or, for prompts of different lengths, the
         offsets would pair different tokens. Those cells stay unmeasured (NaN) for the pair.
         """
-        offsets = [(-p,) for p in range(min(positions, span), 0, -1)] if self.positions else [tuple(range(-span, 0))]
+        if self.positions:
+            offsets = [(-p,) for p in range(min(positions, span), 0, -1)]
+        else:
+            offsets = [tuple(range(-(min(positions, span) if self.post_instruction else span), 0))]
         heads = range(n_heads) if self.per_head else [None]
         return [Variant(self.kind, layer, where, head) for layer in layers for head in heads for where in offsets]
 
@@ -93,8 +106,8 @@ class Sweep:
 
     def label(self, index: tuple[int, ...], shape: tuple[int, ...]) -> str:
         """A component's name; positions as offsets from the end, as everywhere in the results."""
-        name = f"L{index[0]}H{index[1]}" if self.per_head else f"L{index[0]}" + ("" if self.kind == "resid_pre" else f" {self.name}")
-        return name + (f" position {index[-1] - shape[-1]}" if self.positions else "")
+        name = f"L{index[0]}H{index[1]}" if self.per_head else f"L{index[0]}" + ("" if self.kind == "resid_pre" else f" {self.component or self.name}")
+        return name + (f" position {index[-1] - shape[-1]}" if self.positions else "") + (" (post-instruction)" if self.post_instruction else "")
 
 
 SWEEPS: dict[str, Sweep] = {
@@ -103,11 +116,19 @@ SWEEPS: dict[str, Sweep] = {
         Sweep("resid", "the residual stream entering a layer, at one position: [layers, positions]", "resid_pre",
               positions="resid_positions", figure="layer_by_position", title="Residual stream entering each layer, per position"),
         Sweep("head", "one attention head's output over the pair's span: [layers, heads]", "head_z", per_head=True,
-              ranked=True, figure="layer_by_head", title="Attention heads (output over the pair's span)"),
+              ranked=True, figure="layer_by_head", title="Attention heads (output over the pair's span)", component="head"),
+        Sweep("head_post", "one attention head's output at the post-instruction positions: [layers, heads]", "head_z", per_head=True,
+              ranked=True, figure="layer_by_head", title="Attention heads (output at the post-instruction positions)",
+              post_instruction=True, component="head"),
         Sweep("head_pos", "one attention head's output at one position: [layers, heads, positions]", "head_z", per_head=True,
               positions="head_positions", figure="head_by_position"),
-        Sweep("attn", "the attention block's output over the span: [layers]", "attn_out", ranked=True, title="attention block"),
-        Sweep("mlp", "the MLP's output over the span: [layers]", "mlp_out", ranked=True, title="MLP"),
+        Sweep("attn", "the attention block's output over the span: [layers]", "attn_out", ranked=True, title="attention block",
+              component="attn"),
+        Sweep("mlp", "the MLP's output over the span: [layers]", "mlp_out", ranked=True, title="MLP", component="mlp"),
+        Sweep("attn_post", "the attention block's output at the post-instruction positions: [layers]", "attn_out", ranked=True,
+              title="attention block, post-instruction", post_instruction=True, component="attn"),
+        Sweep("mlp_post", "the MLP's output at the post-instruction positions: [layers]", "mlp_out", ranked=True,
+              title="MLP, post-instruction", post_instruction=True, component="mlp"),
     )
 }
 

@@ -13,7 +13,7 @@ HEADLINES = {
     "baseline": ["refusal_rate/harmful", "refusal_rate/harmless", "refusal_score/separation", "refusal_score/auroc"],
     "patching": ["patching/n_pairs", "patching/harmless_to_harmful/top_effect", "patching/harmful_to_harmless/top_effect"],
     "attribution": ["attribution/n_pairs", "attribution/harmless_to_harmful/top_effect", "attribution/harmful_to_harmless/top_effect"],
-    "ablation": ["ablation/k0/refusal_rate"],
+    "ablation": ["ablation/k0/refusal_rate", "ablation/necessary", "ablation/best_matched_gap"],
     "direction": ["direction/chosen/layer", "direction/chosen/position", "direction/harmful/none/refusal_rate",
                   "direction/harmful/ablation/refusal_rate", "direction/harmless/none/refusal_rate",
                   "direction/harmless/addition/refusal_rate", "direction/harmless/ablation/kl"],
@@ -29,9 +29,18 @@ def write_pipeline_dashboard(rows: list[dict[str, Any]], metrics: dict[str, dict
         links = [f"<a href='{html.escape(_relative(row[key], path))}'>{label}</a>"
                  for key, label in (("dashboard", "dashboard"), ("results", "results file")) if row[key]]
         page.raw("<p>" + " · ".join(links) + "</p>")
-        shown = [(key, value) for key, value in metrics[row["stage"]].items() if key in HEADLINES.get(row["stage"], []) or _is_curve(row["stage"], key)]
-        page.facts([(key, f"{value:.3f}" if isinstance(value, float) else value) for key, value in shown])
+        stage_metrics = metrics[row["stage"]]
+        shown = [(key, value) for key, value in stage_metrics.items() if key in HEADLINES.get(row["stage"], []) or _is_curve(row["stage"], key)]
+        page.facts([(key, _shown(key, value, stage_metrics)) for key, value in shown])
     return page.write(path)
+
+
+def _shown(key: str, value: Any, stage_metrics: dict[str, Any]) -> str:
+    """A value as the page shows it; an ablation arm that broke the model says so beside its number."""
+    text = f"{value:.3f}" if isinstance(value, float) else str(value)
+    if key.startswith("ablation/") and stage_metrics.get(key.rsplit("/", 1)[0] + "/broken"):
+        text += " (model broken: not evidence of necessity)"
+    return text
 
 
 def _is_curve(stage: str, key: str) -> bool:
