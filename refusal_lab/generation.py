@@ -42,8 +42,10 @@ def generate_greedy(
     first_logits_readout: Callable[[torch.Tensor], torch.Tensor] | None = None,
     description: str = "generating",
     hooks: Mapping[Site, SiteFn] | None = None,
+    progress: bool = True,
 ) -> list[Generation]:
-    """Greedy completions of chat-formatted ``texts``, in the order given.
+    """Greedy completions of chat-formatted ``texts``, in the order given (``progress``: a bar; off inside a search
+    that has its own).
 
     ``hooks`` change activations at every forward pass of the generation, prompt and generated
     tokens alike (an ablated or steered model); they are removed when it returns.
@@ -56,7 +58,7 @@ def generate_greedy(
     results: list[Generation | None] = [None] * len(texts)
     device = loaded.adapter.input_device
     eos = set(_as_list(loaded.model.generation_config.eos_token_id))
-    with tqdm(total=len(texts), desc=description, unit="prompt") as bar, (intervene(loaded.adapter, hooks) if hooks else nullcontext()):
+    with tqdm(total=len(texts), desc=description, unit="prompt", disable=not progress) as bar, (intervene(loaded.adapter, hooks) if hooks else nullcontext()):
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             encoded = {k: v.to(device) for k, v in tokenize_chats(loaded, [texts[i] for i in batch]).items()}

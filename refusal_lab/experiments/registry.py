@@ -43,7 +43,7 @@ def register_experiment(name: str, *, needs_pairs: bool = False, check: CheckFn 
 
 
 # The modules that register the built-in experiments, imported on first look-up.
-BUILTIN = ("ablation", "baseline", "direction", "organism", "patching")
+BUILTIN = ("abliteration", "ablation", "baseline", "direction", "organism", "patching")
 
 
 def _load_builtin() -> None:

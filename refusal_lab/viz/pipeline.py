@@ -17,6 +17,9 @@ HEADLINES = {
     "direction": ["direction/chosen/layer", "direction/chosen/position", "direction/harmful/none/refusal_rate",
                   "direction/harmful/ablation/refusal_rate", "direction/harmless/none/refusal_rate",
                   "direction/harmless/addition/refusal_rate", "direction/harmless/ablation/kl"],
+    "abliteration": ["abliteration/n_trials", "abliteration/none/harmful_refusal", "abliteration/optimised/harmful_refusal",
+                     "abliteration/optimised/kl", "abliteration/optimised/overrefusal_refusal", "abliteration/single_direction/harmful_refusal",
+                     "abliteration/single_direction/kl"],
 }
 
 
