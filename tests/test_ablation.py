@@ -66,7 +66,7 @@ def test_ablation_experiment_ranks_ablates_and_controls(embedded_model_dir: Path
     overrides = [
         "experiment=ablation", "logger=none", "experiment.limit_per_label=3", "experiment.ks=[1,2]", "experiment.random_draws=1",
         "experiment.max_new_tokens=4", "experiment.ranking.max_pairs=1", "experiment.ranking.sweeps=[mlp_post,mlp]",
-        "experiment.ranking.min_gap=0.1", "experiment.bootstrap.resamples=50",
+        "experiment.ranking.min_gap=0.1", "experiment.bootstrap.resamples=50", "experiment.side_limit=2",
     ]
     document = run(compose_config(overrides, tmp_path / "first"))
     results = json.loads(Path(document["results_path"]).read_text())
@@ -86,8 +86,10 @@ def test_ablation_experiment_ranks_ablates_and_controls(embedded_model_dir: Path
     assert results["metrics"]["ablation/k2/top/refusal_rate"] == top2["refusal_rate"]["mean"]
     ranking_file = tmp_path / "first" / "results" / "ablation_ranking.json"
     assert ranking_file.is_file() and (tmp_path / "first" / "results" / "ablation_dashboard.html").is_file()
-    rows = (tmp_path / "first" / "results" / "ablation_completions.jsonl").read_text().splitlines()
-    assert len(rows) == 5 * 3
+    rows = [json.loads(line) for line in (tmp_path / "first" / "results" / "ablation_completions.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if "set" not in r]) == 5 * 3 and len([r for r in rows if r.get("set") == "overrefusal"]) == 5 * 2
+    assert all(p["side_sets"]["overrefusal"]["n"] == 2 for p in details["curve"]), "every arm's over-refusal rate beside its harmful refusal"
+    assert "ablation/k1/top/overrefusal_refusal" in results["metrics"] and "ablation/k0/overrefusal_refusal" in results["metrics"]
 
     again = run(compose_config([*overrides, f"experiment.components_from={ranking_file}", "experiment.ks=[1]", "experiment.random_draws=0", "experiment.mode=zero"], tmp_path / "second"))
     second = json.loads(Path(again["results_path"]).read_text())["details"]

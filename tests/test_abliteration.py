@@ -72,7 +72,7 @@ def test_abliteration_searches_resumes_chooses_measures_and_exports(embedded_mod
 
     overrides = ["experiment=abliteration", "logger=none", "experiment.limit_per_label=4", "experiment.n_trials=4", "experiment.startup_trials=2",
                  "experiment.max_new_tokens=4", "experiment.search_new_tokens=6", "experiment.bootstrap.resamples=50",
-                 f"hydra.run.dir={tmp_path / 'run'}"]
+                 "experiment.side_limit=4", f"hydra.run.dir={tmp_path / 'run'}"]
     first = json.loads(Path(run(compose_config(overrides, tmp_path / "run"))["results_path"]).read_text())
     details = first["details"]
     assert len(details["trials"]) == 4 and details["pareto"] and details["chosen"]["number"] in [t["number"] for t in details["trials"]]
@@ -80,13 +80,15 @@ def test_abliteration_searches_resumes_chooses_measures_and_exports(embedded_mod
     if details["chosen"]["met_bound"]:
         assert chosen["kl"] <= 0.1 and chosen["refusal"] == min(t["refusal"] for t in details["trials"] if t["kl"] <= 0.1)
     assert set(details["measured"]) == {"none", "optimised"} and details["single_direction"] is None
-    assert set(details["measured"]["optimised"]["side_sets"]) == {"everyday", "overrefusal"}
+    assert {name: v["n"] for name, v in details["measured"]["optimised"]["side_sets"].items()} == {"everyday": 4, "overrefusal": 4}
     assert details["measured"]["optimised"]["harmful_refusal"]["n"] == 4 and "cost" in details["measured"]["optimised"]
     assert details["export"]["check"]["max_abs_logit_diff"] < 1e-3, "the edited weights compute what the hooks compute"
     # The study file holds the trials: a second run in the same folder with more trials resumes and adds two.
     again = json.loads(Path(run(compose_config([*overrides, "experiment.n_trials=6"], tmp_path / "run"))["results_path"]).read_text())
     assert [t["number"] for t in again["details"]["trials"]][:4] == [t["number"] for t in details["trials"]] and len(again["details"]["trials"]) == 6
     assert again["details"]["trials"][0]["refusal"] == details["trials"][0]["refusal"]
-    exported = json.loads((Path(details["export"]["folder"]) / "abliteration.json").read_text())
-    assert exported["ablation"]["direction_index"] == pytest.approx(chosen["direction_index"], abs=1e-3)
+    latest = again["details"]
+    exported = json.loads((Path(latest["export"]["folder"]) / "abliteration.json").read_text())
+    chosen_now = next(t for t in latest["trials"] if t["number"] == latest["chosen"]["number"])
+    assert exported["ablation"]["direction_index"] == pytest.approx(chosen_now["direction_index"], abs=1e-3), "the export is the chosen trial"
     assert np.isfinite(first["metrics"]["abliteration/optimised/kl"])

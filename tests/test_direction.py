@@ -128,7 +128,7 @@ def test_direction_experiment_finds_ablates_adds_and_exports(embedded_model_dir:
     from refusal_lab.runner import run
 
     cfg = compose_config([
-        "experiment=direction", "logger=none", "experiment.limit_per_label=4", "experiment.positions=2",
+        "experiment=direction", "logger=none", "experiment.limit_per_label=4", "experiment.positions=2", "experiment.side_limit=2",
         "experiment.score_all_layers=false", "experiment.max_new_tokens=8", "experiment.max_kl=1000",
         "experiment.min_induce=-1000", "experiment.bootstrap.resamples=50",
     ], tmp_path)
@@ -144,8 +144,12 @@ def test_direction_experiment_finds_ablates_adds_and_exports(embedded_model_dir:
     refusal = details["outcome"]["refusal"]
     assert set(refusal) == {"harmful/none", "harmful/ablation", "harmless/none", "harmless/addition"}
     assert all(v["refusal_rate"]["n"] == 4 for v in refusal.values())
-    rows = [json.loads(line) for line in (tmp_path / "results" / "direction_completions.jsonl").read_text().splitlines()]
+    every_row = [json.loads(line) for line in (tmp_path / "results" / "direction_completions.jsonl").read_text().splitlines()]
+    rows = [r for r in every_row if "set" not in r]
     assert len(rows) == 16 and {r["condition"] for r in rows} == {"none", "ablation", "addition"}
+    side = [r for r in every_row if r.get("set") == "overrefusal"]
+    assert len(side) == 4 and {r["condition"] for r in side} == {"none", "ablation"}, "over-refusal with and without the direction"
+    assert metrics["direction/overrefusal/ablation/refusal_rate"] == details["outcome"]["side_sets"]["ablation"]["overrefusal"]["refusal_rate"]
     cost = details["outcome"]["cost"]
     assert cost["kl"]["mean"] >= 0
     kls = [r["kl_under_ablation"] for r in rows if r["label"] == "harmless" and r["condition"] == "none"]

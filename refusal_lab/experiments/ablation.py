@@ -36,6 +36,7 @@ from refusal_lab.experiments.baseline import answer_rows
 from refusal_lab.experiments.context import ExperimentContext
 from refusal_lab.experiments.registry import register_experiment
 from refusal_lab.experiments.result import ExperimentResult
+from refusal_lab.experiments.side_sets import load_side_sets, side_set_rates, side_set_rows
 from refusal_lab.findings import POST_INSTRUCTION, SPAN, Ranking
 from refusal_lab.generation import next_token_logits
 from refusal_lab.uncertainty import mean_with_interval
@@ -60,6 +61,7 @@ def check_ablation(cfg: DictConfig) -> None:
         raise ConfigError(f"experiment.ks={list(exp.ks or [])} must list component counts of at least 1")
     if set(exp.kinds) - set(KINDS) or not exp.kinds:
         raise ConfigError(f"experiment.kinds={list(exp.kinds or [])} must name some of: {', '.join(KINDS)}")
+    load_side_sets(exp, str(exp.splits.evaluation))
     if float(exp.max_damage_kl) <= 0:
         raise ConfigError(f"experiment.max_damage_kl={exp.max_damage_kl} must be above 0 (nats of harmless next-token KL)")
     source = exp.get("components_from")
@@ -81,7 +83,7 @@ def run_ablation(context: ExperimentContext) -> ExperimentResult:
     if exp.mode != "zero":
         harmless = [r for r in context.prompts.select(split=str(exp.splits.selection)).records if r.label == "harmless"]
         reference = reference_activations(context.model, context.chat_texts(harmless))
-    measure = Measurer(context, records, n_post, reference)
+    measure = Measurer(context, records, n_post, reference, load_side_sets(exp, str(exp.splits.evaluation)))
     rng = random.Random(int(context.cfg.seed))
     curve = [{"k": 0, "condition": "none", "components": [], **measure([], "none")}]
     ranking["skipped_ks"] = {}
@@ -105,8 +107,9 @@ def run_ablation(context: ExperimentContext) -> ExperimentResult:
 class Measurer:
     """Ablates a set of components and measures the evaluation prompts under it."""
 
-    def __init__(self, context: ExperimentContext, records: dict[str, list[Any]], n_post: int, reference: Any) -> None:
-        self.context, self.records, self.n_post, self.reference = context, records, n_post, reference
+    def __init__(self, context: ExperimentContext, records: dict[str, list[Any]], n_post: int, reference: Any,
+                 side: dict[str, list[Any]]) -> None:
+        self.context, self.records, self.n_post, self.reference, self.side = context, records, n_post, reference, side
         exp = context.settings
         self.args = (int(exp.bootstrap.resamples), float(exp.bootstrap.level), int(context.cfg.seed))
         self.harmless_chats = context.chat_texts(records["harmless"])
@@ -120,7 +123,10 @@ class Measurer:
         rows = answer_rows(self.context, self.records["harmful"], exp, f"harmful, {condition}", hooks=hooks)
         self.rows += [{**row, "condition": condition} for row in rows]
         ablated, _ = next_token_logits(model, self.harmless_chats, int(exp.batch_size), hooks=hooks)
+        side_rows = side_set_rows(self.context, self.side, condition, hooks=hooks)
+        self.rows += side_rows
         return {
+            "side_sets": side_set_rates(side_rows).get(condition, {}),
             "refusal_rate": mean_with_interval(np.array([r["refused"] for r in rows]), *self.args),
             "refusal_score": mean_with_interval(np.array([r["refusal_score"] for r in rows]), *self.args),
             "harmless_kl": mean_with_interval(next_token_kl(self.plain, ablated).numpy(), *self.args),
@@ -169,7 +175,8 @@ def patch_selection_split(context: ExperimentContext) -> Ranking:
     split = str(exp.splits.selection)
     derived = context.cfg.copy()
     with open_dict(derived):
-        derived.experiment = OmegaConf.merge(exp.ranking, {"name": "ablation_ranking", "directions": [str(exp.direction)]})
+        settings = OmegaConf.create(OmegaConf.to_container(exp.ranking, resolve=True))  # open: the name is added
+        derived.experiment = OmegaConf.merge(settings, {"name": "ablation_ranking", "directions": [str(exp.direction)]})
         derived.prompts.split = split
     stage = dataclasses.replace(context, cfg=derived, prompts=context.prompts.select(split=split))
     log.info("No patching of the %s split in this run ranks the components; patching it now", split)
@@ -199,6 +206,10 @@ def write(context: ExperimentContext, ranking: dict[str, Any], curve: list[dict[
             metrics[f"ablation/k{m['k']}/matched_gap"] = m["gap"]
     none = next(p for p in curve if p["condition"] == "none")
     metrics["ablation/k0/refusal_rate"] = none["refusal_rate"]["mean"]
+    for point in curve:
+        where = "k0" if point["condition"] == "none" else f"k{point['k']}/{point['condition']}" + (f"/draw{point['draw']}" if point["condition"] == "random" else "")
+        for name, values in point["side_sets"].items():
+            metrics[f"ablation/{where}/{name}_refusal"] = values["refusal_rate"]
     metrics["ablation/necessary"] = float(finding["necessary"])
     if finding["best_gap"] is not None:
         metrics["ablation/best_matched_gap"] = finding["best_gap"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from refusal_lab.experiments.context import ExperimentContext
 from refusal_lab.experiments.direction import harmless_cost, rates
 from refusal_lab.experiments.registry import register_experiment
 from refusal_lab.experiments.result import ExperimentResult
+from refusal_lab.experiments.side_sets import load_side_sets, side_set_rates, side_set_rows
 from refusal_lab.findings import Direction
 from refusal_lab.generation import generate_greedy, next_token_logits
 from refusal_lab.interventions.operations import directional_ablation
@@ -45,7 +45,7 @@ from refusal_lab.metrics.divergence import next_token_kl
 from refusal_lab.models import load_weights, plan_model
 from refusal_lab.models.adapters import adapter_for
 from refusal_lab.models.precision import FP32
-from refusal_lab.prompts import PromptRecord, load_prompt_set
+from refusal_lab.prompts import PromptRecord
 from refusal_lab.viz.abliteration import write_abliteration_dashboard
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,7 @@ def check_abliteration(cfg: DictConfig) -> None:
     source = exp.get("direction_from")
     if source and not Path(str(source)).is_file():
         raise ConfigError(f"experiment.direction_from={source} is not a file; give a direction run's results/direction.json or null")
-    for name, path in (exp.get("side_sets") or {}).items():
-        _side_set(name, path, str(exp.splits.evaluation))
+    load_side_sets(exp, str(exp.splits.evaluation))
 
 
 @register_experiment("abliteration", check=check_abliteration)
@@ -226,15 +225,14 @@ def measure(context: ExperimentContext, records: dict[str, list[PromptRecord]], 
     side sets' refusal rates."""
     exp = context.settings
     rows: list[dict[str, Any]] = []
-    limit = exp.get("limit_per_label")
-    side = {name: _side_set(name, path, str(exp.splits.evaluation))[: limit or None] for name, path in (exp.get("side_sets") or {}).items()}
+    side = load_side_sets(exp, str(exp.splits.evaluation))
     out: dict[str, Any] = {}
     for condition, hooks in conditions.items():
         for label in ("harmful", "harmless"):
             rows += [{**row, "condition": condition, "set": "main"}
                      for row in answer_rows(context, records[label], exp, f"{label}, {condition}", hooks=hooks)]
-        for name, prompts in side.items():
-            rows += [{**row, "condition": condition, "set": name} for row in answer_rows(context, prompts, exp, f"{name}, {condition}", hooks=hooks)]
+        rows += side_set_rows(context, side, condition, hooks=hooks)
+    side_rates = side_set_rates([r for r in rows if r["set"] != "main"])
     main = [r for r in rows if r["set"] == "main"]
     refusal = rates(main, exp.bootstrap, int(context.cfg.seed))
     before = [r for r in main if r["label"] == "harmless" and r["condition"] == NONE]
@@ -242,22 +240,11 @@ def measure(context: ExperimentContext, records: dict[str, list[PromptRecord]], 
         out[condition] = {
             "harmful_refusal": refusal[f"harmful/{condition}"]["refusal_rate"],
             "harmless_refusal": refusal[f"harmless/{condition}"]["refusal_rate"],
-            "side_sets": {name: _rate([r for r in rows if r["set"] == name and r["condition"] == condition]) for name in side},
+            "side_sets": side_rates.get(condition, {}),
         }
         if hooks is not None:
             out[condition]["cost"] = harmless_cost(context, records["harmless"], [dict(r) for r in before], hooks)
     return out, rows
-
-
-def _rate(rows: list[dict[str, Any]]) -> dict[str, float]:
-    return {"refusal_rate": round(float(np.mean([r["refused"] for r in rows])), 5) if rows else math.nan, "n": len(rows)}
-
-
-def _side_set(name: str, path: Any, split: str) -> list[PromptRecord]:
-    try:
-        return list(load_prompt_set(str(path)).select(split=split).records)
-    except ConfigError as error:
-        raise ConfigError(f"experiment.side_sets.{name}: {error}") from error
 
 
 def export(context: ExperimentContext, params: WeightedAblation, directions: torch.Tensor,

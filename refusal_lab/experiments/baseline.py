@@ -19,13 +19,26 @@ from refusal_lab.viz.baseline import write_baseline_dashboard
 log = logging.getLogger(__name__)
 
 
-@register_experiment("baseline")
+def check_baseline(cfg: DictConfig) -> None:
+    from refusal_lab.experiments.side_sets import load_side_sets
+
+    load_side_sets(cfg.experiment, cfg.prompts.get("split"))
+
+
+@register_experiment("baseline", check=check_baseline)
 def run_baseline(context: ExperimentContext) -> ExperimentResult:
-    """Greedy completions judged for refusal, and the refusal score, per label and category."""
+    """Greedy completions judged for refusal, and the refusal score, per label and category; the side sets' refusal rates."""
+    from refusal_lab.experiments.side_sets import load_side_sets, side_set_rates, side_set_rows
+
     cfg = context.cfg
     rows = answer_rows(context, context.prompts.records, cfg.experiment, "baseline")
     metrics, per_category = summarize(rows)
+    side_rows = side_set_rows(context, load_side_sets(cfg.experiment, cfg.prompts.get("split")), "none")
+    side = side_set_rates(side_rows).get("none", {})
+    metrics.update({f"side/{name}/refusal_rate": values["refusal_rate"] for name, values in side.items()})
     _log_summary(metrics, per_category)
+    for name, values in side.items():
+        log.info("%s (side set, %d prompts): refusal rate %.0f%%", name, values["n"], 100 * values["refusal_rate"])
     facts = [
         ("title", f"Baseline: {context.model.name} at {context.model.precision.name}"),
         ("prompts", f"{context.prompts.name}, split {cfg.prompts.get('split') or 'all'}, {len(rows)} prompts"),
@@ -35,8 +48,8 @@ def run_baseline(context: ExperimentContext) -> ExperimentResult:
     dashboard = write_baseline_dashboard(rows, metrics, per_category, facts, context.path("baseline", "dashboard.html"))
     return ExperimentResult(
         metrics=metrics,
-        details={"per_category": per_category},
-        tables={"completions": rows},
+        details={"per_category": per_category, "side_sets": side},
+        tables={"completions": rows, **({"side_sets": side_rows} if side_rows else {})},
         files={"dashboard": dashboard},
     )
 

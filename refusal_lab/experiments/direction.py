@@ -31,6 +31,7 @@ from refusal_lab.experiments.baseline import answer_rows
 from refusal_lab.experiments.context import ExperimentContext
 from refusal_lab.experiments.registry import register_experiment
 from refusal_lab.experiments.result import ExperimentResult
+from refusal_lab.experiments.side_sets import load_side_sets, side_set_rates, side_set_rows
 from refusal_lab.findings import Direction
 from refusal_lab.generation import next_token_logits
 from refusal_lab.interventions.operations import activation_addition, directional_ablation
@@ -50,6 +51,7 @@ STAGES = ("candidates", "selection", "evaluation")  # what each split of experim
 
 def check_direction(cfg: DictConfig) -> None:
     exp = cfg.experiment
+    load_side_sets(exp, str(exp.splits.evaluation))
     if cfg.prompts.get("split") is not None:
         raise ConfigError("experiment=direction uses three splits of the prompt set (experiment.splits); set prompts.split=null")
     splits = {stage: exp.splits.get(stage) for stage in STAGES}
@@ -156,11 +158,14 @@ def intervene_on_test(context: ExperimentContext, chosen: Chosen, records: list[
         for row in answer_rows(context, chosen_records, exp, f"{label}, {condition}", hooks=hooks):
             rows.append({**row, "condition": condition})
     before = [r for r in rows if r["label"] == "harmless" and r["condition"] == "none"]
+    side = load_side_sets(exp, str(exp.splits.evaluation))
+    side_rows = side_set_rows(context, side, "none") + side_set_rows(context, side, "ablation", hooks=ablation)
     outcome = {
         "refusal": rates(rows, exp.bootstrap, int(context.cfg.seed)),
         "cost": harmless_cost(context, harmless, before, ablation),
+        "side_sets": side_set_rates(side_rows),
     }
-    return outcome, rows
+    return outcome, rows + side_rows
 
 
 def rates(rows: list[dict[str, Any]], bootstrap: DictConfig, seed: int) -> dict[str, Any]:
@@ -254,7 +259,8 @@ def write(context: ExperimentContext, selection: dict[str, Any], vectors: dict[s
                "bootstrap": {"resamples": int(context.settings.bootstrap.resamples), "level": float(context.settings.bootstrap.level), "over": "prompts"}}
     _log_summary(selection, outcome)
     header = {"title": f"Refusal direction: {context.model.name} at {context.model.precision.name}", "prompts": context.prompts.name}
-    files = {"vectors": vectors_path, "dashboard": write_direction_dashboard(details, rows, header, context.path("direction", "dashboard.html"))}
+    main_rows = [r for r in rows if "set" not in r]  # the side sets' rows are in the table, not in the dashboard's figures
+    files = {"vectors": vectors_path, "dashboard": write_direction_dashboard(details, main_rows, header, context.path("direction", "dashboard.html"))}
     if exported:
         files["model"] = context.path("direction", "model") / "refusal_direction.json"
     chosen = selection.get("chosen")
@@ -289,6 +295,9 @@ def direction_metrics(selection: dict[str, Any], outcome: dict[str, Any], export
         if values["n"]:
             metrics[f"direction/harmless/ablation/kl_where_{decision}"] = values["mean"]
     metrics["direction/harmless/ablation/cross_entropy_change"] = cost["cross_entropy"]["change"]["mean"]
+    for condition, sets in outcome.get("side_sets", {}).items():
+        for name, values in sets.items():
+            metrics[f"direction/{name}/{condition}/refusal_rate"] = values["refusal_rate"]
     if exported:
         metrics["direction/export/max_abs_logit_diff"] = exported["check"]["max_abs_logit_diff"]
     return metrics
