@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from refusal_lab import metric_keys as K
 from refusal_lab.compare.measures import compare, gather
 from refusal_lab.compare.report import log_to_wandb, write_comparison
 
@@ -45,16 +46,17 @@ def summary_line(row: dict[str, Any]) -> str:
         return f"{row['job']}: {row['status']}" + (f" ({'; '.join(row['failures'].values())})" if row["failures"] else "")
     parts = [f"{row['job']} [{row['precision']}]"]
     for key, label, form in (
-        ("refusal_rate/harmful", "refused harmful", "{:.0%}"), ("refusal_rate/harmless", "harmless", "{:.0%}"),
-        ("refusal_score/separation", "separation", "{:.2f}"),
-        ("patching/layers", "layers", "{}"), ("patching/harmless_to_harmful/top", "top harmless->harmful", "{}"),
-        ("patching/harmless_to_harmful/spearman", "patching rho vs fp32", "{:.3f}"),
-        ("patching/harmless_to_harmful/top_k_overlap", "top-10 overlap", "{:.0%}"),
-        ("direction/cosine_with_reference", "direction cosine", "{:.3f}"),
-        ("direction/harmful/ablation/refusal_rate", "refused when ablated", "{:.0%}"),
-        ("direction/harmless/addition/refusal_rate", "refused when added", "{:.0%}"),
-        ("ablation/k", "ablated k", "{}"), ("ablation/top/refusal_rate", "refused, top-k ablated", "{:.0%}"),
-        ("ablation/random/refusal_rate", "k random ablated", "{:.0%}"),
+        (K.HARMFUL_REFUSAL, "refused harmful", "{:.0%}"), (K.HARMLESS_REFUSAL, "harmless", "{:.0%}"),
+        (K.SEPARATION, "separation", "{:.2f}"),
+        (K.PATCHING_LAYERS, "layers", "{}"), (K.compared_patching("harmless_to_harmful", "top"), "top harmless->harmful", "{}"),
+        (K.compared_patching("harmless_to_harmful", "spearman"), "patching rho vs fp32", "{:.3f}"),
+        (K.compared_patching("harmless_to_harmful", "top_k_overlap"), "top-10 overlap", "{:.0%}"),
+        (K.DIRECTION_COSINE, "direction cosine", "{:.3f}"),
+        (K.direction_refusal("harmful", "ablation"), "refused when ablated", "{:.0%}"),
+        (K.direction_refusal("harmless", "addition"), "refused when added", "{:.0%}"),
+        (K.COMPARED_ABLATION_K, "ablated k", "{}"), (K.compared_ablation("top", "refusal_rate"), "refused, top-k ablated", "{:.0%}"),
+        (K.compared_ablation("random", "refusal_rate"), "k random ablated", "{:.0%}"),
+        (K.ABLATION_NECESSARY, "necessary at matched damage", "{}"),
     ):
         if row.get(key) is not None:
             parts.append(f"{label} {form.format(row[key])}")

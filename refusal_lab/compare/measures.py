@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from refusal_lab.errors import ConfigError
+from refusal_lab import metric_keys as K
 from refusal_lab.uncertainty import spearman
 from refusal_lab.tracking.reading import RunResults, find_results
 
@@ -116,7 +117,7 @@ def baseline_measures(job: Job) -> dict[str, Any]:
     result = job.get("baseline")
     if result is None:
         return {}
-    keys = ("refusal_rate/harmful", "refusal_rate/harmless", "refusal_score/separation", "refusal_score/auroc")
+    keys = (K.HARMFUL_REFUSAL, K.HARMLESS_REFUSAL, K.SEPARATION, K.AUROC)
     return {key: result.metrics.get(key) for key in keys}
 
 
@@ -125,20 +126,20 @@ def patching_measures(job: Job, reference: Job | None) -> dict[str, Any]:
     result = job.get("patching")
     if result is None:
         return {}
-    out: dict[str, Any] = {"patching/layers": result.details.get("layers"), "patching/n_pairs": result.metrics.get("patching/n_pairs")}
+    out: dict[str, Any] = {K.PATCHING_LAYERS: result.details.get("layers"), K.patching_pairs("patching"): result.metrics.get(K.patching_pairs("patching"))}
     base = reference.get("patching") if reference is not None and reference is not job else None
     for direction in DIRECTIONS:
         ranked = result.details["ranked"].get(direction)
         if not ranked:
             continue
-        out[f"patching/{direction}/top"] = f"{ranked[0]['component']} ({ranked[0]['effect']:+.3f})"
+        out[K.compared_patching(direction, "top")] = f"{ranked[0]['component']} ({ranked[0]['effect']:+.3f})"
         if base is None or direction not in base.details["ranked"]:
             continue
         mine, theirs = shared_effects(result, base, direction)
-        out[f"patching/{direction}/spearman"] = _round(spearman(mine, theirs)) if mine.size else None
-        out[f"patching/{direction}/n_components"] = int(mine.size)
+        out[K.compared_patching(direction, "spearman")] = _round(spearman(mine, theirs)) if mine.size else None
+        out[K.compared_patching(direction, "n_components")] = int(mine.size)
         top = lambda rows: {r["component"] for r in rows[:TOP_K]}  # noqa: E731
-        out[f"patching/{direction}/top_k_overlap"] = len(top(ranked) & top(base.details["ranked"][direction])) / TOP_K
+        out[K.compared_patching(direction, "top_k_overlap")] = len(top(ranked) & top(base.details["ranked"][direction])) / TOP_K
     return out
 
 
@@ -165,9 +166,9 @@ def direction_measures(job: Job, reference: Job | None) -> dict[str, Any]:
         return {}
     chosen = result.details["selection"].get("chosen")
     out: dict[str, Any] = {"direction/chosen": f"layer {chosen['layer']}, position {chosen['position']}" if chosen else "none kept"}
-    for key in ("harmful/none", "harmful/ablation", "harmless/none", "harmless/addition"):
-        out[f"direction/{key}/refusal_rate"] = result.metrics.get(f"direction/{key}/refusal_rate")
-    out["direction/harmless/ablation/kl"] = result.metrics.get("direction/harmless/ablation/kl")
+    for label, condition in (("harmful", "none"), ("harmful", "ablation"), ("harmless", "none"), ("harmless", "addition")):
+        out[K.direction_refusal(label, condition)] = result.metrics.get(K.direction_refusal(label, condition))
+    out[K.DIRECTION_ABLATION_KL] = result.metrics.get(K.DIRECTION_ABLATION_KL)
     base = reference.get("direction") if reference is not None and reference is not job else None
     if base is None or not base.details["selection"].get("chosen"):
         return out
@@ -175,10 +176,10 @@ def direction_measures(job: Job, reference: Job | None) -> dict[str, Any]:
     picked = base.details["selection"]["chosen"]
     cell = (picked["layer"], theirs["candidates"].shape[1] + picked["position"])  # positions count back from the end
     if chosen and "direction" in mine:
-        out["direction/cosine_with_reference"] = _round(cosine(mine["direction"], theirs["direction"]))
+        out[K.DIRECTION_COSINE] = _round(cosine(mine["direction"], theirs["direction"]))
     if mine["candidates"].shape == theirs["candidates"].shape:
         # the candidate at the reference's chosen cell: comparable even where the selection chose another cell
-        out["direction/cosine_at_reference_cell"] = _round(cosine(mine["candidates"][cell], theirs["direction"]))
+        out[K.DIRECTION_COSINE_AT_CELL] = _round(cosine(mine["candidates"][cell], theirs["direction"]))
     return out
 
 
@@ -189,18 +190,18 @@ def ablation_measures(job: Job) -> dict[str, Any]:
     if result is None:
         return {}
     summary = result.details["summary"]
-    out: dict[str, Any] = {"ablation/k0/refusal_rate": result.metrics.get("ablation/k0/refusal_rate")}
+    out: dict[str, Any] = {K.ABLATION_NONE: result.metrics.get(K.ABLATION_NONE)}
     if summary:
         last = summary[-1]
-        out["ablation/k"] = last["k"]
-        out["ablation/top/refusal_rate"] = last["top"]["refusal_rate"]
-        out["ablation/random/refusal_rate"] = last["random"]["refusal_rate"] if last["random"] else None
-        out["ablation/top/harmless_kl"] = last["top"]["harmless_kl"]
-        out["ablation/top/broken"] = last["top"].get("broken")
+        out[K.COMPARED_ABLATION_K] = last["k"]
+        out[K.compared_ablation("top", "refusal_rate")] = last["top"]["refusal_rate"]
+        out[K.compared_ablation("random", "refusal_rate")] = last["random"]["refusal_rate"] if last["random"] else None
+        out[K.compared_ablation("top", "harmless_kl")] = last["top"]["harmless_kl"]
+        out[K.compared_ablation("top", "broken")] = last["top"].get("broken")
     finding = result.details.get("necessity")
     if finding is not None:
-        out["ablation/necessary"] = finding["necessary"]
-        out["ablation/best_matched_gap"] = finding["best_gap"]
+        out[K.ABLATION_NECESSARY] = finding["necessary"]
+        out[K.ABLATION_BEST_GAP] = finding["best_gap"]
     return out
 
 

@@ -37,6 +37,7 @@ from refusal_lab.experiments.context import ExperimentContext
 from refusal_lab.experiments.registry import register_experiment
 from refusal_lab.experiments.result import ExperimentResult
 from refusal_lab.experiments.side_sets import load_side_sets, side_set_rates, side_set_rows
+from refusal_lab import metric_keys as K
 from refusal_lab.findings import POST_INSTRUCTION, SPAN, Ranking
 from refusal_lab.generation import next_token_logits
 from refusal_lab.uncertainty import mean_with_interval
@@ -200,19 +201,19 @@ def write(context: ExperimentContext, ranking: dict[str, Any], curve: list[dict[
         for condition in ("top", "random"):
             if point.get(condition):
                 for key in ("refusal_rate", "refusal_score", "harmless_kl", "broken"):
-                    metrics[f"ablation/k{point['k']}/{condition}/{key}"] = float(point[condition][key])
+                    metrics[K.ablation_arm(point["k"], condition, key)] = float(point[condition][key])
     for m in matched:
         if m["gap"] is not None:
-            metrics[f"ablation/k{m['k']}/matched_gap"] = m["gap"]
+            metrics[K.ablation_gap(m["k"])] = m["gap"]
     none = next(p for p in curve if p["condition"] == "none")
-    metrics["ablation/k0/refusal_rate"] = none["refusal_rate"]["mean"]
+    metrics[K.ABLATION_NONE] = none["refusal_rate"]["mean"]
     for point in curve:
         where = "k0" if point["condition"] == "none" else f"k{point['k']}/{point['condition']}" + (f"/draw{point['draw']}" if point["condition"] == "random" else "")
         for name, values in point["side_sets"].items():
             metrics[f"ablation/{where}/{name}_refusal"] = values["refusal_rate"]
-    metrics["ablation/necessary"] = float(finding["necessary"])
+    metrics[K.ABLATION_NECESSARY] = float(finding["necessary"])
     if finding["best_gap"] is not None:
-        metrics["ablation/best_matched_gap"] = finding["best_gap"]
+        metrics[K.ABLATION_BEST_GAP] = finding["best_gap"]
     details = {
         "precision": context.model.precision.name, "mode": str(exp.mode), "positions": str(exp.positions),
         "splits": dict(exp.splits), "ranking": ranking, "curve": curve, "summary": summary,

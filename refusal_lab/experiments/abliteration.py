@@ -38,6 +38,7 @@ from refusal_lab.experiments.direction import harmless_cost, rates
 from refusal_lab.experiments.registry import register_experiment
 from refusal_lab.experiments.result import ExperimentResult
 from refusal_lab.experiments.side_sets import load_side_sets, side_set_rates, side_set_rows
+from refusal_lab import metric_keys as K
 from refusal_lab.findings import Direction
 from refusal_lab.generation import generate_greedy, next_token_logits
 from refusal_lab.interventions.operations import directional_ablation
@@ -286,17 +287,16 @@ def write(context: ExperimentContext, trials: list[dict[str, Any]], front: list[
     exp, n_layers = context.settings, context.model.adapter.n_layers
     trial_rows = [{"number": t["number"], "refusal": t["refusal"], "kl": t["kl"], "pareto": i in front, **t["params"].describe(n_layers)}
                   for i, t in enumerate(trials)]
-    metrics: dict[str, float] = {"abliteration/n_trials": float(len(trials)), "abliteration/pareto_size": float(len(front)),
+    metrics: dict[str, float] = {K.ABLITERATION_TRIALS: float(len(trials)), "abliteration/pareto_size": float(len(front)),
                                  "abliteration/search/refusal": trials[chosen["index"]]["refusal"], "abliteration/search/kl": trials[chosen["index"]]["kl"]}
     for condition, values in measured.items():
-        key = condition.replace(" ", "_")
-        metrics[f"abliteration/{key}/harmful_refusal"] = values["harmful_refusal"]["mean"]
-        metrics[f"abliteration/{key}/harmless_refusal"] = values["harmless_refusal"]["mean"]
+        metrics[K.abliteration(condition, "harmful_refusal")] = values["harmful_refusal"]["mean"]
+        metrics[K.abliteration(condition, "harmless_refusal")] = values["harmless_refusal"]["mean"]
         for name, side in values["side_sets"].items():
-            metrics[f"abliteration/{key}/{name}_refusal"] = side["refusal_rate"]
+            metrics[K.abliteration(condition, f"{name}_refusal")] = side["refusal_rate"]
         if "cost" in values:
-            metrics[f"abliteration/{key}/kl"] = values["cost"]["kl"]["mean"]
-            metrics[f"abliteration/{key}/cross_entropy_change"] = values["cost"]["cross_entropy"]["change"]["mean"]
+            metrics[K.abliteration(condition, "kl")] = values["cost"]["kl"]["mean"]
+            metrics[K.abliteration(condition, "cross_entropy_change")] = values["cost"]["cross_entropy"]["change"]["mean"]
     if exported:
         metrics["abliteration/export/max_abs_logit_diff"] = exported["check"]["max_abs_logit_diff"]
     details = {

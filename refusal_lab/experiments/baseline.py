@@ -10,6 +10,7 @@ import numpy as np
 from omegaconf import DictConfig
 from scipy.stats import mannwhitneyu
 
+from refusal_lab import metric_keys as K
 from refusal_lab.experiments.context import ExperimentContext
 from refusal_lab.experiments.registry import register_experiment
 from refusal_lab.experiments.result import ExperimentResult
@@ -35,7 +36,7 @@ def run_baseline(context: ExperimentContext) -> ExperimentResult:
     metrics, per_category = summarize(rows)
     side_rows = side_set_rows(context, load_side_sets(cfg.experiment, cfg.prompts.get("split")), "none")
     side = side_set_rates(side_rows).get("none", {})
-    metrics.update({f"side/{name}/refusal_rate": values["refusal_rate"] for name, values in side.items()})
+    metrics.update({K.side_refusal(name): values["refusal_rate"] for name, values in side.items()})
     _log_summary(metrics, per_category)
     for name, values in side.items():
         log.info("%s (side set, %d prompts): refusal rate %.0f%%", name, values["n"], 100 * values["refusal_rate"])

@@ -32,6 +32,7 @@ from refusal_lab.experiments.context import ExperimentContext
 from refusal_lab.experiments.registry import register_experiment
 from refusal_lab.experiments.result import ExperimentResult
 from refusal_lab.experiments.side_sets import load_side_sets, side_set_rates, side_set_rows
+from refusal_lab import metric_keys as K
 from refusal_lab.findings import Direction
 from refusal_lab.generation import next_token_logits
 from refusal_lab.interventions.operations import activation_addition, directional_ablation
@@ -286,10 +287,10 @@ def direction_metrics(selection: dict[str, Any], outcome: dict[str, Any], export
         return metrics
     metrics.update({f"direction/chosen/{k}": float(v) for k, v in chosen.items()})
     for key, values in outcome["refusal"].items():
-        metrics[f"direction/{key}/refusal_rate"] = values["refusal_rate"]["mean"]
+        metrics[K.direction_refusal(*key.split("/"))] = values["refusal_rate"]["mean"]
         metrics[f"direction/{key}/refusal_score"] = values["refusal_score"]["mean"]
     cost = outcome["cost"]
-    metrics["direction/harmless/ablation/kl"] = cost["kl"]["mean"]
+    metrics[K.DIRECTION_ABLATION_KL] = cost["kl"]["mean"]
     metrics["direction/harmless/ablation/kl_median"] = cost["kl_median"]
     for decision, values in cost["kl_by_unablated_decision"].items():
         if values["n"]:
@@ -297,7 +298,7 @@ def direction_metrics(selection: dict[str, Any], outcome: dict[str, Any], export
     metrics["direction/harmless/ablation/cross_entropy_change"] = cost["cross_entropy"]["change"]["mean"]
     for condition, sets in outcome.get("side_sets", {}).items():
         for name, values in sets.items():
-            metrics[f"direction/{name}/{condition}/refusal_rate"] = values["refusal_rate"]
+            metrics[K.direction_refusal(name, condition)] = values["refusal_rate"]
     if exported:
         metrics["direction/export/max_abs_logit_diff"] = exported["check"]["max_abs_logit_diff"]
     return metrics

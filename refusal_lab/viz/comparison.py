@@ -8,22 +8,25 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from refusal_lab import metric_keys as K
 from refusal_lab.tracking.wandb_tracker import table_columns
 from refusal_lab.viz.page import Page
 
 # (question, [(metric key, legend name)], axis format)
 FIGURES = [
-    ("Refusal rates", [("refusal_rate/harmful", "harmful"), ("refusal_rate/harmless", "harmless")], ".0%"),
+    ("Refusal rates", [(K.HARMFUL_REFUSAL, "harmful"), (K.HARMLESS_REFUSAL, "harmless")], ".0%"),
     ("Patching effects against the fp32 job: Spearman rank correlation and top-10 overlap",
-     [("patching/harmless_to_harmful/spearman", "Spearman, harmless->harmful"), ("patching/harmful_to_harmless/spearman", "Spearman, harmful->harmless"),
-      ("patching/harmless_to_harmful/top_k_overlap", "top-10 overlap, harmless->harmful"),
-      ("patching/harmful_to_harmless/top_k_overlap", "top-10 overlap, harmful->harmless")], ".2f"),
+     [(K.compared_patching("harmless_to_harmful", "spearman"), "Spearman, harmless->harmful"),
+      (K.compared_patching("harmful_to_harmless", "spearman"), "Spearman, harmful->harmless"),
+      (K.compared_patching("harmless_to_harmful", "top_k_overlap"), "top-10 overlap, harmless->harmful"),
+      (K.compared_patching("harmful_to_harmless", "top_k_overlap"), "top-10 overlap, harmful->harmless")], ".2f"),
     ("The refusal direction against the fp32 job's: cosine similarity",
-     [("direction/cosine_with_reference", "chosen direction"), ("direction/cosine_at_reference_cell", "candidate at fp32's layer and position")], ".3f"),
+     [(K.DIRECTION_COSINE, "chosen direction"), (K.DIRECTION_COSINE_AT_CELL, "candidate at fp32's layer and position")], ".3f"),
     ("Interventions: harmful refusal rate with the direction or the top-k components ablated; harmless with the direction added",
-     [("direction/harmful/none/refusal_rate", "harmful, nothing done"), ("direction/harmful/ablation/refusal_rate", "harmful, direction ablated"),
-      ("ablation/top/refusal_rate", "harmful, top-k components ablated"), ("ablation/random/refusal_rate", "harmful, k random components ablated"),
-      ("direction/harmless/addition/refusal_rate", "harmless, direction added")], ".0%"),
+     [(K.direction_refusal("harmful", "none"), "harmful, nothing done"), (K.direction_refusal("harmful", "ablation"), "harmful, direction ablated"),
+      (K.compared_ablation("top", "refusal_rate"), "harmful, top-k components ablated"),
+      (K.compared_ablation("random", "refusal_rate"), "harmful, k random components ablated"),
+      (K.direction_refusal("harmless", "addition"), "harmless, direction added")], ".0%"),
 ]
 
 

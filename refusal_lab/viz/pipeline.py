@@ -6,20 +6,23 @@ import html
 from pathlib import Path
 from typing import Any
 
+from refusal_lab import metric_keys as K
 from refusal_lab.viz.page import Page
+
+DIRECTIONS = ("harmless_to_harmful", "harmful_to_harmless")
 
 # The figures each stage's section shows first (every metric is in the stage's results file).
 HEADLINES = {
-    "baseline": ["refusal_rate/harmful", "refusal_rate/harmless", "refusal_score/separation", "refusal_score/auroc"],
-    "patching": ["patching/n_pairs", "patching/harmless_to_harmful/top_effect", "patching/harmful_to_harmless/top_effect"],
-    "attribution": ["attribution/n_pairs", "attribution/harmless_to_harmful/top_effect", "attribution/harmful_to_harmless/top_effect"],
-    "ablation": ["ablation/k0/refusal_rate", "ablation/necessary", "ablation/best_matched_gap"],
-    "direction": ["direction/chosen/layer", "direction/chosen/position", "direction/harmful/none/refusal_rate",
-                  "direction/harmful/ablation/refusal_rate", "direction/harmless/none/refusal_rate",
-                  "direction/harmless/addition/refusal_rate", "direction/harmless/ablation/kl"],
-    "abliteration": ["abliteration/n_trials", "abliteration/none/harmful_refusal", "abliteration/optimised/harmful_refusal",
-                     "abliteration/optimised/kl", "abliteration/optimised/overrefusal_refusal", "abliteration/single_direction/harmful_refusal",
-                     "abliteration/single_direction/kl"],
+    "baseline": [K.HARMFUL_REFUSAL, K.HARMLESS_REFUSAL, K.SEPARATION, K.AUROC, K.side_refusal("overrefusal")],
+    "patching": [K.patching_pairs("patching"), *(K.patching_top_effect("patching", d) for d in DIRECTIONS)],
+    "attribution": [K.patching_pairs("attribution"), *(K.patching_top_effect("attribution", d) for d in DIRECTIONS)],
+    "ablation": [K.ABLATION_NONE, K.ABLATION_NECESSARY, K.ABLATION_BEST_GAP],
+    "direction": [K.DIRECTION_LAYER, K.DIRECTION_POSITION, K.direction_refusal("harmful", "none"), K.direction_refusal("harmful", "ablation"),
+                  K.direction_refusal("harmless", "none"), K.direction_refusal("harmless", "addition"), K.DIRECTION_ABLATION_KL,
+                  K.direction_refusal("overrefusal", "ablation")],
+    "abliteration": [K.ABLITERATION_TRIALS, K.abliteration("none", "harmful_refusal"), K.abliteration("optimised", "harmful_refusal"),
+                     K.abliteration("optimised", "kl"), K.abliteration("optimised", "overrefusal_refusal"),
+                     K.abliteration("single direction", "harmful_refusal"), K.abliteration("single direction", "kl")],
 }
 
 
