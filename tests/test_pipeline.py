@@ -10,7 +10,7 @@ from refusal_lab import api
 from refusal_lab.tracking.reading import load_results
 from tests.helpers import read_wandb_records
 
-STAGES = ["baseline", "patching", "attribution", "ablation", "direction"]
+STAGES = ["baseline", "patching", "attribution", "ablation", "direction", "abliteration"]
 
 
 def test_pipeline_runs_every_stage_on_one_model_and_reuses_earlier_stages(embedded_model_dir: Path, tmp_path: Path) -> None:
@@ -35,9 +35,15 @@ def test_pipeline_runs_every_stage_on_one_model_and_reuses_earlier_stages(embedd
     assert patched["misses"] > 0 and reused["hits"] == patched["misses"]
     ranking = stages["ablation"].details["ranking"]
     assert ranking["from"] == "the patching stage of this run (val split)"
-    ranked = [r["component"] for r in stages["patching"].details["ranked"]["harmless_to_harmful"]]
-    assert [r["component"] for r in ranking["top"]] == ranked[: len(ranking["top"])]
+    assert ranking["at"] == "post_instruction", "ranked by the patching effect where ablation acts"
+    cell = lambda r: (r["kind"], r["layer"], r["head"])  # noqa: E731
+    ranked = [cell(r) for r in stages["patching"].details["ranked"]["harmless_to_harmful"] if r["at"] == "post_instruction"]
+    assert [cell(r) for r in ranking["top"]] == ranked[: len(ranking["top"])]
     assert not (tmp_path / "results" / "ablation_ranking.json").exists(), "ablation did not patch again"
+    # the optimised ablation searched, and marked the direction stage's single direction on its front when it chose one
+    searched = stages["abliteration"].details
+    assert len(searched["trials"]) == 24 and searched["pareto"]
+    assert (searched["single_direction"] is not None) == (stages["direction"].details["selection"]["chosen"] is not None)
 
     # one dashboard links every stage's own dashboard, and the links resolve
     page = pipeline.file("dashboard").read_text(encoding="utf-8")

@@ -59,5 +59,6 @@ def summary_line(row: dict[str, Any]) -> str:
         (K.ABLATION_NECESSARY, "necessary at matched damage", "{}"),
     ):
         if row.get(key) is not None:
-            parts.append(f"{label} {form.format(row[key])}")
+            broken = key == K.compared_ablation("top", "refusal_rate") and row.get(K.compared_ablation("top", "broken"))
+            parts.append(f"{label} {form.format(row[key])}" + (" (model broken: not evidence of necessity)" if broken else ""))
     return ", ".join(parts)
