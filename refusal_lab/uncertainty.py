@@ -66,7 +66,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     +-1 by construction) or where either side is constant."""
     if a.size < 3 or np.all(a == a.flat[0]) or np.all(b == b.flat[0]):
         return float("nan")
-    return float(spearmanr(a, b).statistic)
+    return float(stats.spearmanr(a, b).statistic)
 
 
 def top_k_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:

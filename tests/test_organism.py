@@ -355,7 +355,7 @@ def test_small_organism_builds_ships_merges_and_is_reproducible(embedded_model_d
     third = run(compose_config(["experiment=organism", "logger=none", *overrides], tmp_path / "run3"))
     reused = json.loads(Path(third["results_path"]).read_text())
     assert reused["details"]["organism_model"]["source"] == "organism" and reused["details"]["organism_model"]["location"].endswith(folder.name)
-    assert reused["model"]["name"] == "smollm2", "the run's model is the base it was made from, left as it was"
+    assert reused["model"]["name"] == "SmolLM2-135M-Instruct", "the run's model is the base it was made from, left as it was"
     key = "organism/all/refusal_score/harmful/mean"
     assert reused["metrics"][key] == pytest.approx(saved["metrics"][key], abs=1e-4)
 

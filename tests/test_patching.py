@@ -360,7 +360,7 @@ def test_patching_experiment_writes_effects_ranked_components_and_checks_itself(
     low, high, mean = (np.array(effects["mlp"][k], dtype=float)[26:] for k in ("ci_low", "ci_high", "mean"))
     assert np.isnan(low).all() and np.isnan(high).all()  # two pairs: too few for an interval
     ranked = details["ranked"]["harmful_to_harmless"]
-    assert len(ranked) == 4 * 9 + 4 + 4 and [r["effect"] for r in ranked] == sorted((r["effect"] for r in ranked), reverse=True)
+    assert len(ranked) == 2 * (4 * 9 + 4 + 4) and [r["effect"] for r in ranked] == sorted((r["effect"] for r in ranked), reverse=True)
     arrays = results.arrays("effects")
     assert arrays["exact/harmless_to_harmful/head"].shape == (2, 30, 9)
     assert np.allclose(np.nanmean(arrays["exact/harmless_to_harmful/mlp"][:, 26:], axis=0), mean, atol=1e-5)

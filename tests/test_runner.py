@@ -73,7 +73,8 @@ def test_main_command_writes_results_and_an_offline_wandb_run(embedded_model_dir
         assert history[key] == pytest.approx(value), key
     artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
     results_artifact = next(a for a in artifacts if a.type == "results")
-    assert {m.path for m in results_artifact.manifest.contents} == {"baseline.json", "baseline_completions.jsonl", "baseline_dashboard.html"}
+    assert {m.path for m in results_artifact.manifest.contents} == {"baseline.json", "baseline_completions.jsonl", "baseline_side_sets.jsonl",
+                                                                     "baseline_dashboard.html"}
     assert any(a.type == "run_table" for a in artifacts), "the completions table was not logged"
     assert record_of(records, "exit").exit.exit_code == 0
 
@@ -229,7 +230,7 @@ def test_secrets_in_the_config_reach_no_file(embedded_model_dir: Path, tmp_path:
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["experiment.name=no_such_experiment"], "unknown experiment 'no_such_experiment'; known experiments: ablation, attribution, baseline, direction, organism, patching, and pipeline (several in one run)"),
+        (["experiment.name=no_such_experiment"], "unknown experiment 'no_such_experiment'; known experiments: ablation, abliteration, attribution, baseline, direction, organism, patching, and pipeline (several in one run)"),
         (["experiment.max_new_tokens=-5"], "experiment.max_new_tokens=-5 must be a whole number of at least 1"),
         (["model=smollm2", "experiment=patching", "experiment.layers=[25,40]"], "experiment.layers=[25, 40] must satisfy 0 <= first < stop <= 30"),
         (["experiment=direction", "prompts.split=test"], "experiment=direction uses three splits of the prompt set"),
