@@ -80,6 +80,7 @@ def test_abliteration_searches_resumes_chooses_measures_and_exports(embedded_mod
     if details["chosen"]["met_bound"]:
         assert chosen["kl"] <= 0.1 and chosen["refusal"] == min(t["refusal"] for t in details["trials"] if t["kl"] <= 0.1)
     assert set(details["measured"]) == {"none", "optimised"} and details["single_direction"] is None
+    assert details["points"]["search"]["optimised"] == {k: chosen[k] for k in ("number", "refusal", "kl")}, "the chosen trial's own figures"
     assert {name: v["n"] for name, v in details["measured"]["optimised"]["side_sets"].items()} == {"everyday": 4, "overrefusal": 4}
     assert details["measured"]["optimised"]["harmful_refusal"]["n"] == 4 and "cost" in details["measured"]["optimised"]
     assert details["export"]["check"]["max_abs_logit_diff"] < 1e-3, "the edited weights compute what the hooks compute"

@@ -87,7 +87,7 @@ def run_abliteration(context: ExperimentContext) -> ExperimentResult:
     front = pareto_front([(t["refusal"], t["kl"]) for t in trials])
     chosen = choose(trials, float(exp.select.max_kl))
     single = single_direction(context)
-    points = {"search": {"optimised": trials[chosen["index"]]}}
+    points = {"search": {"optimised": {k: v for k, v in trials[chosen["index"]].items() if k != "params"}}}  # the figures; params in "chosen"
     conditions: dict[str, Any] = {NONE: None, OPTIMISED: weighted_hooks(chosen["params"], directions, n_layers)}
     if single is not None:
         hooks = directional_ablation(context.model.adapter, single.vector)
