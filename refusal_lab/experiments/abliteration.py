@@ -17,7 +17,6 @@ trial); its storage is a SQLite file under the run folder, so an interrupted sea
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from pathlib import Path
@@ -34,7 +33,7 @@ from refusal_lab.direction.weighted import WRITERS, Kernel, WeightedAblation, ed
 from refusal_lab.errors import ConfigError
 from refusal_lab.experiments.baseline import answer_rows
 from refusal_lab.experiments.context import ExperimentContext
-from refusal_lab.experiments.direction import harmless_cost, rates
+from refusal_lab.experiments.direction import editable_copy, harmless_cost, rates
 from refusal_lab.experiments.registry import register_experiment
 from refusal_lab.experiments.result import ExperimentResult
 from refusal_lab.experiments.side_sets import load_side_sets, side_set_rates, side_set_rows
@@ -43,9 +42,6 @@ from refusal_lab.findings import Direction
 from refusal_lab.generation import generate_greedy, next_token_logits
 from refusal_lab.interventions.operations import directional_ablation
 from refusal_lab.metrics.divergence import next_token_kl
-from refusal_lab.models import load_weights, plan_model
-from refusal_lab.models.adapters import adapter_for
-from refusal_lab.models.precision import FP32
 from refusal_lab.prompts import PromptRecord
 from refusal_lab.viz.abliteration import write_abliteration_dashboard
 
@@ -252,13 +248,10 @@ def export(context: ExperimentContext, params: WeightedAblation, directions: tor
            records: dict[str, list[PromptRecord]]) -> dict[str, Any]:
     """The writers' weights of a full-precision copy edited as the chosen trial ablates; saved, and checked against the hooks."""
     loaded, exp = context.model, context.settings
+    full = editable_copy(loaded, context.cfg.paths.cache_dir)
     if loaded.precision.bits is not None:
-        plan = plan_model(OmegaConf.create({"name": loaded.name, "path": loaded.source.location}), OmegaConf.create(FP32), context.cfg.paths.cache_dir)
-        full = load_weights(OmegaConf.create({"name": loaded.name}), plan)
         how = f"this run's model is {loaded.precision.name}; the export reloads its weights at fp32 from {loaded.source.location} and edits those"
     else:
-        model = copy.deepcopy(loaded.model)
-        full = type(loaded)(model, loaded.tokenizer, adapter_for(model), loaded.source, loaded.precision, loaded.name)
         how = f"the run's own weights at {loaded.precision.name}, edited"
     chats = context.chat_texts(records["harmful"] + records["harmless"])
     hooked, _ = next_token_logits(loaded, chats, int(exp.batch_size), hooks=weighted_hooks(params, directions, loaded.adapter.n_layers))

@@ -37,7 +37,7 @@ from refusal_lab.findings import Direction
 from refusal_lab.generation import next_token_logits
 from refusal_lab.interventions.operations import activation_addition, directional_ablation
 from refusal_lab.metrics.divergence import mean_token_cross_entropy, next_token_kl
-from refusal_lab.models import load_weights, plan_model
+from refusal_lab.models import LoadedModel, load_weights, plan_model
 from refusal_lab.models.adapters import adapter_for
 from refusal_lab.models.precision import FP32
 from refusal_lab.uncertainty import mean_with_interval
@@ -215,17 +215,24 @@ def harmless_cost(context: ExperimentContext, harmless: list[PromptRecord], befo
     }
 
 
+def editable_copy(loaded: LoadedModel, cache_dir: Any) -> LoadedModel:
+    """A copy of the run's model whose weights an export may edit: the same weights reloaded at fp32 when the run's
+    are quantized (bitsandbytes weights cannot be edited), else a deep copy; the loaded model is never touched."""
+    if loaded.precision.bits is not None:
+        plan = plan_model(OmegaConf.create({"name": loaded.name, "path": loaded.source.location}), OmegaConf.create(FP32), cache_dir)
+        return load_weights(OmegaConf.create({"name": loaded.name}), plan)
+    model = copy.deepcopy(loaded.model)
+    return type(loaded)(model, loaded.tokenizer, adapter_for(model), loaded.source, loaded.precision, loaded.name)
+
+
 def export(context: ExperimentContext, chosen: Chosen, records: list[PromptRecord]) -> dict[str, Any]:
     """Orthogonalise a full-precision copy of the model and save it; compare it with hook ablation on the test prompts."""
     loaded, exp = context.model, context.settings
+    full = editable_copy(loaded, context.cfg.paths.cache_dir)
     if loaded.precision.bits is not None:
-        plan = plan_model(OmegaConf.create({"name": loaded.name, "path": loaded.source.location}), OmegaConf.create(FP32), context.cfg.paths.cache_dir)
-        full = load_weights(OmegaConf.create({"name": loaded.name}), plan)
         how = (f"this run's model is {loaded.precision.name} (bitsandbytes); the export reloads its weights at fp32 from "
                f"{loaded.source.location} and orthogonalises those, with the direction found at {loaded.precision.name}")
     else:
-        model = copy.deepcopy(loaded.model)
-        full = type(loaded)(model, loaded.tokenizer, adapter_for(model), loaded.source, loaded.precision, loaded.name)
         how = f"the run's own weights at {loaded.precision.name}, orthogonalised"
     chats = context.chat_texts(records)
     hooked, _ = next_token_logits(loaded, chats, int(exp.batch_size), hooks=directional_ablation(loaded.adapter, chosen.vector))
