@@ -18,7 +18,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from refusal_lab.config import CONF_DIR
+from refusal_lab.config import CONF_DIR, with_study
 from refusal_lab.tracking.reading import RunResults, find_results, load_results
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ def compose(overrides: Sequence[str] = (), output_dir: str | Path | None = None)
     """The config ``python -m refusal_lab <overrides>`` would run. Outputs go to ``output_dir``, by default
     ``outputs/<date>/<time>_<experiment>/`` under the current folder, as on the command line."""
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+        cfg = hydra_compose(config_name="config", overrides=with_study(overrides))
     if output_dir is None:
         now = datetime.now()
         output_dir = Path.cwd() / "outputs" / f"{now:%Y-%m-%d}" / f"{now:%H-%M-%S}_{cfg.experiment.name}"

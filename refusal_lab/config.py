@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.resources
+import math
 import os
 import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from refusal_lab.errors import ConfigError
 
@@ -89,10 +91,34 @@ def _redact(value: Any, key: str, secrets: set[str]) -> Any:
     return value
 
 
+# Named bands of layers: thirds of the depth, so one layer sweep fits a model of any depth (30 layers: 0-9, 10-19, 20-29).
+BANDS = ("early", "middle", "late")
+
+
+def with_study(overrides: Sequence[str]) -> list[str]:
+    """``study=full experiment=patching`` as a user means it: the study group sits in the pipeline's defaults only, so
+    for one experiment it is appended (``+study=full``) and the experiment takes its stage's sizes from it."""
+    chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")]
+    if not chosen or "pipeline" in chosen[-1].split(","):  # the pipeline has the group already (a sweep with it cannot append it)
+        return list(overrides)
+    return ["+" + o if o.startswith("study=") else o for o in overrides]
+
+
 def layer_range(setting: Any, n_layers: int | None, key: str) -> list[int]:
-    """``[first, stop)`` as in Python's range, or null for every layer; ``n_layers=None`` checks the form alone."""
+    """``[first, stop)`` as in Python's range, a third of the depth by name (early, middle, late), or null for every
+    layer; ``n_layers=None`` checks the form alone."""
     if setting is None:
         return list(range(n_layers or 0))
+    if isinstance(setting, str):
+        if setting not in BANDS:
+            raise ConfigError(f"{key}={setting!r} must be [first, stop) (two layer numbers), one of {', '.join(BANDS)} (a third of the depth), or null")
+        if n_layers is None:
+            return []
+        third = BANDS.index(setting)
+        band = list(range(round(third * n_layers / 3), round((third + 1) * n_layers / 3)))
+        if not band:
+            raise ConfigError(f"{key}={setting!r}: a model of {n_layers} layers has no {setting} third; give [first, stop)")
+        return band
     try:
         first, stop = (int(x) for x in setting)
     except (TypeError, ValueError) as error:
@@ -103,14 +129,39 @@ def layer_range(setting: Any, n_layers: int | None, key: str) -> list[int]:
 
 
 # Settings any experiment may have that must be a whole number of at least 1.
-_POSITIVE = ("max_new_tokens", "batch_size")
+_POSITIVE = ("max_new_tokens", "batch_size", "kl_tokens")
+# Settings any experiment may have that cut a set short: null (everything) or a whole number of at least 1
+# (a negative number would slice as "all but the last N").
+_LIMITS = ("limit_per_label", "side_limit", "max_pairs", "limit")
 
 
 def check_positive_settings(exp: Any) -> None:
-    """A one-line error for ``experiment.max_new_tokens=-5`` and the like, before anything loads."""
+    """A one-line error for ``experiment.max_new_tokens=-5``, ``experiment.limit_per_label=-3``,
+    ``experiment.addition_scale=nan`` and the like, before anything loads."""
     for key in _POSITIVE:
         value = exp.get(key)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"experiment.{key}={value!r} must be a whole number of at least 1")
+    for key in _LIMITS:
+        value = exp.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"experiment.{key}={value!r} must be null (all) or a whole number of at least 1")
+    for path, value in _leaves(exp, "experiment"):
+        if isinstance(value, float) and math.isnan(value):
+            raise ConfigError(f"{path}=nan is not a number; give a value")
+
+
+def _leaves(node: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """Every leaf setting under ``node`` with its dotted path (interpolations left as written)."""
+    if isinstance(node, DictConfig | ListConfig):
+        node = OmegaConf.to_container(node, resolve=False)
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for index, item in enumerate(node):
+            yield from _leaves(item, f"{path}[{index}]")
+    else:
+        yield path, node

@@ -58,7 +58,8 @@ ABLITERATION_TRIALS = "abliteration/n_trials"
 
 
 def abliteration(condition: str, what: str) -> str:
-    """``what``: harmful_refusal, harmless_refusal, kl, cross_entropy_change, <side set>_refusal."""
+    """``what``: harmful_refusal, harmless_refusal, kl (mean), kl_median, kl_answered (where the unablated model answered),
+    kl_tokens (along the first answer tokens), cross_entropy_change, <side set>_refusal."""
     return f"abliteration/{condition.replace(' ', '_')}/{what}"
 
 

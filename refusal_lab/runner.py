@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ from omegaconf import DictConfig
 from transformers import set_seed
 
 from refusal_lab.config import layer_range, plain_config, redact_overrides
+from refusal_lab.errors import Interrupted
 from refusal_lab import organism
 from refusal_lab.experiments import ExperimentResult
 from refusal_lab.experiments.context import ExperimentContext
@@ -43,16 +48,43 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     job = current_job(cfg)
     name = str(cfg.experiment.name)
     record = {"job": describe_job(job), "started_at": started_at, "config": plain_config(cfg)}
+    finished: list[str] = []  # the stages whose results are on disk
     try:
-        return _run(cfg, job, record, started)
+        with sigterm_interrupts():
+            return _run(cfg, job, record, started, finished)
     except BaseException as error:
+        if name in finished:  # its results were written whole before the stop: they stand
+            raise
         record["runtime_s"] = round(time.perf_counter() - started, 2)
-        path = write_failure(job.output_dir, name, error, record)
-        log.error("%s failed (%s: %s); the failure is recorded in %s", name, type(error).__name__, error, path)
+        path = write_failure(job.output_dir, name, error, {**record, "finished_stages": finished})
+        if isinstance(error, Interrupted):
+            log.error("%s was %s after %.0f s; finished stages: %s; recorded in %s", name, error, record["runtime_s"],
+                      ", ".join(finished) or "none", path)
+        else:
+            log.error("%s failed (%s: %s); the failure is recorded in %s", name, type(error).__name__, error, path)
         raise
 
 
-def _run(cfg: DictConfig, job: JobInfo, record: dict[str, Any], started: float) -> dict[str, Any]:
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While a run is on, SIGTERM raises ``Interrupted`` (so the results file says so) instead of killing the
+    process silently. Only where nothing else handles SIGTERM (submitit's requeueing handler stays) and in the
+    main thread, the only one that takes signals."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(cfg: DictConfig, job: JobInfo, record: dict[str, Any], started: float, finished: list[str]) -> dict[str, Any]:
     set_seed(int(cfg.seed))
     if cfg.get("threads") is not None:
         torch.set_num_threads(int(cfg.threads))  # jobs in parallel processes share the cores
@@ -100,13 +132,15 @@ def _run(cfg: DictConfig, job: JobInfo, record: dict[str, Any], started: float) 
             alone = len(stages) == 1
             provenance = {**facts, "model": loaded.describe(), "prompts": stage.prompts.describe(), "process": process_now(),
                           "runtime_s": round(time.perf_counter() - started if alone else seconds[stage.name], 2),
-                          "config": record["config"] if alone else plain_config(stage.cfg)}
+                          "config": plain_config(stage.cfg)}  # as the stage ran: its study sizes and debug shrink applied
             written[stage.name] = write_results(job.output_dir, stage.name, result, provenance)
+            finished.append(stage.name)
             tracker.log(stage.name, result, written[stage.name])
         if name == PIPELINE:
             result = summarize(stages, results, written, seconds, job.output_dir / "results" / "pipeline_dashboard.html")
             provenance = {**provenance, "prompts": prompt_set.describe(), "runtime_s": round(time.perf_counter() - started, 2), "config": record["config"]}
             written[name] = write_results(job.output_dir, name, result, provenance)
+            finished.append(name)
             tracker.log(name, result, written[name])
         failed = False
     finally:

@@ -78,7 +78,11 @@ def test_ablation_experiment_ranks_ablates_and_controls(embedded_model_dir: Path
     assert all(p["broken"] == (p["condition"] != "none" and p["harmless_kl"]["mean"] > bound) for p in details["curve"])
     assert [m["k"] for m in details["matched_damage"]] == [1, 2] and "necessary" in details["necessity"]
     assert results["metrics"]["ablation/necessary"] == float(details["necessity"]["necessary"])
-    assert [(p["k"], p["condition"]) for p in details["curve"]] == [(0, "none"), (1, "top"), (1, "random"), (2, "top"), (2, "random")]
+    assert [(p["k"], p["condition"]) for p in details["curve"][:5]] == [(0, "none"), (1, "top"), (1, "random"), (2, "top"), (2, "random")]
+    for grown in details["curve"][5:]:  # a top arm more damaging than its control gets a larger one, of the same kinds
+        assert grown["condition"] == "matched" and grown["k"] == grown["scale"] * grown["for_k"] and grown["scale"] in (2, 4, 8)
+        top = next(p for p in details["curve"] if p["condition"] == "top" and p["k"] == grown["for_k"])
+        assert not set(grown["components"]) & set(top["components"])
     top2 = details["curve"][3]
     assert top2["components"] == [r["component"] for r in details["ranking"]["top"][:2]]
     assert not set(top2["components"]) & set(details["curve"][4]["components"]), "the control avoids the top components"
@@ -87,7 +91,8 @@ def test_ablation_experiment_ranks_ablates_and_controls(embedded_model_dir: Path
     ranking_file = tmp_path / "first" / "results" / "ablation_ranking.json"
     assert ranking_file.is_file() and (tmp_path / "first" / "results" / "ablation_dashboard.html").is_file()
     rows = [json.loads(line) for line in (tmp_path / "first" / "results" / "ablation_completions.jsonl").read_text().splitlines()]
-    assert len([r for r in rows if "set" not in r]) == 5 * 3 and len([r for r in rows if r.get("set") == "overrefusal"]) == 5 * 2
+    arms = len(details["curve"])
+    assert len([r for r in rows if "set" not in r]) == arms * 3 and len([r for r in rows if r.get("set") == "overrefusal"]) == arms * 2
     assert all(p["side_sets"]["overrefusal"]["n"] == 2 for p in details["curve"]), "every arm's over-refusal rate beside its harmful refusal"
     assert "ablation/k1/top/overrefusal_refusal" in results["metrics"] and "ablation/k0/overrefusal_refusal" in results["metrics"]
 
@@ -124,6 +129,21 @@ def test_broken_arms_are_never_evidence_and_arms_are_compared_at_matched_damage(
     assert lone[0]["gap"] is None and "no random arm" in lone[0]["note"]
 
 
+def test_a_top_arm_beyond_every_control_is_compared_with_a_grown_one() -> None:
+    from refusal_lab.ablation.necessity import Arm, matched_damage, needs_larger_control
+
+    none, top = Arm(0, "none", 0.9, 0.0), Arm(4, "top", 0.1, 0.7)
+    arms = [none, top, Arm(4, "random", 0.9, 0.1)]
+    assert needs_larger_control(top, arms, max_damage_kl=1.0), "no control reached KL 0.7"
+    assert matched_damage(arms, 1.0)[0]["gap"] is None
+    assert needs_larger_control(top, [*arms, Arm(16, "matched", 0.5, 1.5)], 1.0), "a broken control matches nothing"
+    grown = [*arms, Arm(8, "matched", 0.85, 0.9)]
+    assert not needs_larger_control(top, grown, 1.0)
+    # KL 0.7 lies between the random arm (0.1: 90 %) and the grown one (0.9: 85 %): 86.25 %, a gap of 76 points.
+    assert matched_damage(grown, 1.0)[0]["random_refusal"] == pytest.approx(0.9 + (0.6 / 0.8) * (0.85 - 0.9))
+    assert not needs_larger_control(Arm(4, "top", 0.0, 2.0), arms, 1.0), "a broken top arm is not compared at all"
+
+
 def test_a_ranking_tells_content_carriers_from_decision_components(tmp_path: Path) -> None:
     from refusal_lab.findings import Ranking
 
@@ -146,3 +166,33 @@ def test_a_ranking_tells_content_carriers_from_decision_components(tmp_path: Pat
     path.write_text(json.dumps({"details": {"selection": {}}}))
     with pytest.raises(ConfigError, match="holds no ranking"):
         Ranking.from_results_file(path, "harmless_to_harmful")
+
+
+def test_controls_grow_until_they_hurt_the_model_as_much_as_the_top_arm() -> None:
+    """A stand-in measurement whose damage grows with the number of components ablated: the top arm (k=2, KL 0.9)
+    outdoes the random pair (KL 0.2); random sets of 4 (0.4) and 8 (0.8) fall short, 16 (1.6) breaks the model
+    and growth stops there; a top arm no control has to catch up with grows none."""
+    from types import SimpleNamespace
+
+    from refusal_lab.experiments.ablation import grown_controls, summarize_curve
+
+    def point(k: int, condition: str, refusal: float, kl: float, **extra: object) -> dict:
+        return {"k": k, "condition": condition, "refusal_rate": {"mean": refusal}, "refusal_score": {"mean": 0.0}, "harmless_kl": {"mean": kl}, **extra}
+
+    measured: list[int] = []
+
+    def measure(components: list, _label: str) -> dict:
+        measured.append(len(components))
+        return {"refusal_rate": {"mean": 0.9}, "refusal_score": {"mean": 0.0}, "harmless_kl": {"mean": 0.1 * len(components)}}
+
+    ranked = [Component("head", 3, 1), Component("mlp", 5), Component("head", 7, 0)]
+    settings = SimpleNamespace(max_damage_kl=1.0, matched_controls=SimpleNamespace(max_scale=8))
+    context = SimpleNamespace(settings=settings, model=SimpleNamespace(adapter=SimpleNamespace(n_heads=4)))
+    curve = [point(0, "none", 0.9, 0.0), point(1, "top", 0.8, 0.05), point(1, "random", 0.9, 0.1),
+             point(2, "top", 0.3, 0.9), point(2, "random", 0.9, 0.2)]
+    grown = grown_controls(context, curve, ranked, list(range(30)), measure, random.Random(0))
+    assert measured == [4, 8, 16] and [(g["for_k"], g["scale"]) for g in grown] == [(2, 2), (2, 4), (2, 8)]
+    kinds = lambda labels: sorted(label.split()[1] if " " in label else "head" for label in labels)  # noqa: E731  (L3H1, L5 mlp)
+    assert all(kinds(g["components"]) == ["head"] * g["scale"] + ["mlp"] * g["scale"] for g in grown), "of the top arm's kinds"
+    assert not {"L3H1", "L5 mlp"} & {c for g in grown for c in g["components"]}
+    assert [s["k"] for s in summarize_curve(curve + grown, 1.0)] == [1, 2], "grown controls are not arms of their own k"

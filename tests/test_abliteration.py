@@ -78,9 +78,13 @@ def test_abliteration_searches_resumes_chooses_measures_and_exports(embedded_mod
     assert len(details["trials"]) == 4 and details["pareto"] and details["chosen"]["number"] in [t["number"] for t in details["trials"]]
     chosen = next(t for t in details["trials"] if t["number"] == details["chosen"]["number"])
     if details["chosen"]["met_bound"]:
-        assert chosen["kl"] <= 0.1 and chosen["refusal"] == min(t["refusal"] for t in details["trials"] if t["kl"] <= 0.1)
+        assert chosen["kl_upper"] <= 0.1 and chosen["refusal"] == min(t["refusal"] for t in details["trials"] if t["kl_upper"] <= 0.1)
+    assert all(t["kl_upper"] >= t["kl"] and t["kl_tokens"] >= 0 for t in details["trials"])
     assert set(details["measured"]) == {"none", "optimised"} and details["single_direction"] is None
-    assert details["points"]["search"]["optimised"] == {k: chosen[k] for k in ("number", "refusal", "kl")}, "the chosen trial's own figures"
+    assert details["points"]["search"]["optimised"] == {k: chosen[k] for k in ("number", "refusal", "kl", "kl_upper", "kl_tokens")}, \
+        "the chosen trial's own figures"
+    cost = details["measured"]["optimised"]["cost"]
+    assert cost["kl_tokens"]["tokens"] == 8 and cost["kl_tokens"]["mean"] >= 0
     assert {name: v["n"] for name, v in details["measured"]["optimised"]["side_sets"].items()} == {"everyday": 4, "overrefusal": 4}
     assert details["measured"]["optimised"]["harmful_refusal"]["n"] == 4 and "cost" in details["measured"]["optimised"]
     assert details["export"]["check"]["max_abs_logit_diff"] < 1e-3, "the edited weights compute what the hooks compute"
@@ -93,3 +97,17 @@ def test_abliteration_searches_resumes_chooses_measures_and_exports(embedded_mod
     chosen_now = next(t for t in latest["trials"] if t["number"] == latest["chosen"]["number"])
     assert exported["ablation"]["direction_index"] == pytest.approx(chosen_now["direction_index"], abs=1e-3), "the export is the chosen trial"
     assert np.isfinite(first["metrics"]["abliteration/optimised/kl"])
+
+
+def test_the_choice_bounds_the_kl_a_trial_can_show_beyond_its_search_prompts() -> None:
+    from refusal_lab.experiments.abliteration import choose, upper_bound
+
+    lucky = np.array([0.0, 0.0, 0.0, 0.36])  # mean 0.09: one prompt it moves a lot
+    assert upper_bound(lucky) == pytest.approx(0.09 + 1.645 * lucky.std(ddof=1) / 2)
+    trials = [{"number": 0, "refusal": 0.0, "kl": 0.09, "kl_upper": upper_bound(lucky), "params": None},
+              {"number": 1, "refusal": 0.1, "kl": 0.05, "kl_upper": 0.08, "params": None},
+              {"number": 2, "refusal": 0.5, "kl": 0.01, "kl_upper": 0.02, "params": None}]
+    assert choose(trials, 0.1, "mean")["number"] == 0
+    assert choose(trials, 0.1, "upper")["number"] == 1, "its upper bound, not its luck, is held to the bound"
+    fallback = choose(trials, 0.01, "upper")
+    assert fallback["number"] == 2 and not fallback["met_bound"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from hydra.errors import MissingConfigException
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from refusal_lab.config import CONF_DIR, DATA_DIR, REDACTED, plain_config, redact_overrides, redact_secrets
@@ -85,6 +86,18 @@ def stage_settings(tmp_path: Path, *overrides: str) -> dict[str, tuple]:
     return {s.name: (s.cfg.experiment, s.cfg.prompts.get("split"), len(s.prompts)) for s in stages}
 
 
+def test_a_study_sizes_one_experiment_and_debug_shrinks_only_the_settings_an_experiment_has(tmp_path: Path) -> None:
+    full = stage_settings(tmp_path, "study=full", "experiment=patching")["patching"][0]
+    quick = stage_settings(tmp_path, "study=quick", "experiment=patching")["patching"][0]
+    assert full.max_pairs is None and quick.max_pairs == 4 and "head_post" in quick.sweeps, "the pipeline's patching stage, alone"
+    assert stage_settings(tmp_path, "experiment=patching")["patching"][0].max_pairs == 20, "no study: the experiment's own defaults"
+    baseline = stage_settings(tmp_path, "experiment=baseline", "debug=default")["baseline"][0]
+    assert baseline.max_new_tokens == 16 and baseline.side_limit == 4 and "max_pairs" not in baseline
+    piped = stage_settings(tmp_path, "debug=default")
+    assert piped["patching"][0].max_pairs == 2 and piped["ablation"][0].side_limit == 4 and "max_pairs" not in piped["baseline"][0]
+    assert all(settings.max_new_tokens == 16 for settings, _, _ in piped.values() if "max_new_tokens" in settings)
+
+
 def test_pipeline_stages_keep_their_own_settings_and_splits(tmp_path: Path) -> None:
     quick = stage_settings(tmp_path)
     assert [(name, split) for name, (_, split, _) in quick.items()] == [
@@ -99,7 +112,7 @@ def test_pipeline_stages_keep_their_own_settings_and_splits(tmp_path: Path) -> N
     assert full["patching"][0].max_pairs is None and full["ablation"][0].limit_per_label is None
     assert full["direction"][0].limit_per_label is None and full["direction"][0].score_all_layers is True
     assert list(full["patching"][0].sweeps) == ["resid", "head", "head_pos", "attn", "mlp", "head_post", "attn_post", "mlp_post"]
-    assert quick["abliteration"][0].n_trials == 24 and full["abliteration"][0].n_trials == 200
+    assert quick["abliteration"][0].n_trials == 20 and full["abliteration"][0].n_trials == 200
     assert list(quick["ablation"][0].ranking.sweeps)[:3] == ["head_post", "attn_post", "mlp_post"], "patching's settings, composed by Hydra"
     assert quick["ablation"][0].ranking.verify_tolerance.fp32 == 1.0e-3 and quick["ablation"][0].ranking.max_pairs == 20
 
@@ -208,8 +221,22 @@ def test_the_precision_sweep_names_its_jobs_and_its_folder(tmp_path: Path, monke
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = compose(config_name="config", overrides=["sweep=precision", "experiment=patching"], return_hydra_config=True)
     assert cfg.hydra.sweeper.params.quant == "fp32,bf16,8bit,4bit"
+    assert cfg.hydra.mode == RunMode.MULTIRUN, "sweep=precision without -m still sweeps"
     assert cfg.hydra.sweep.dir.startswith(f"{tmp_path}/multirun/") and cfg.hydra.sweep.dir.endswith("_precision_patching")
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = compose(config_name="config", overrides=["sweep=layers"], return_hydra_config=True)
-    assert cfg.hydra.sweeper.params["experiment.layers"] == "[0,10],[10,20],[20,30]"
+    assert cfg.hydra.sweeper.params["experiment.layers"] == "early,middle,late" and cfg.hydra.mode == RunMode.MULTIRUN
     assert cfg.hydra.sweep.dir.endswith("_layers_pipeline")
+
+
+def test_named_layer_bands_are_thirds_of_any_depth() -> None:
+    from refusal_lab.config import layer_range
+    from refusal_lab.errors import ConfigError
+
+    assert [layer_range(band, 30, "experiment.layers") for band in ("early", "middle", "late")] == [
+        list(range(0, 10)), list(range(10, 20)), list(range(20, 30))]
+    bands = [layer_range(band, 32, "experiment.layers") for band in ("early", "middle", "late")]
+    assert sum(bands, []) == list(range(32)), "a 32-layer model keeps its last two layers"
+    assert layer_range("late", None, "experiment.layers") == [], "the form is checked before the depth is known"
+    with pytest.raises(ConfigError, match="one of early, middle, late"):
+        layer_range("last", 30, "experiment.layers")

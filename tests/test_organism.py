@@ -279,6 +279,17 @@ def test_token_kl_is_zero_for_the_same_model_and_independent_of_batching(embedde
     assert batched[:2] == pytest.approx(alone[:2], rel=1e-4) and all(v > 1e-4 for v in batched[:2])
     assert torch.isnan(torch.tensor(batched[2])), "an empty answer has no tokens to compare"
 
+    # The same KL from one model under hooks (what an ablation is measured with), cut to an answer's first tokens.
+    from refusal_lab.interventions.sites import Site
+    from refusal_lab.metrics.divergence import answer_kl, answer_log_probs
+
+    hooks = {Site("mlp_out", 20): lambda out: out * 1.5}
+    plain = answer_log_probs(model, tokenizer, chats, answers, max_answer_tokens=100)
+    hooked = answer_kl(plain, answer_log_probs(model, tokenizer, chats, answers, 100, hooks))
+    assert hooked[:2].tolist() == pytest.approx(batched[:2], rel=1e-4) and torch.isnan(hooked[2])
+    first = answer_log_probs(model, tokenizer, chats, answers, max_answer_tokens=1)
+    assert [len(x) for x in first] == [1, 1, 0] and torch.allclose(first[0][0], plain[0][0], atol=1e-5), "the first token's distribution, unchanged by the cut"
+
 
 def small_training_cfg(tmp_path: Path) -> list[str]:
     """The real recipe on 12 + 12 shipped prompts with short answers: the build path in seconds."""

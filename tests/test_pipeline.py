@@ -42,7 +42,7 @@ def test_pipeline_runs_every_stage_on_one_model_and_reuses_earlier_stages(embedd
     assert not (tmp_path / "results" / "ablation_ranking.json").exists(), "ablation did not patch again"
     # the optimised ablation searched, and marked the direction stage's single direction on its front when it chose one
     searched = stages["abliteration"].details
-    assert len(searched["trials"]) == 24 and searched["pareto"]
+    assert len(searched["trials"]) == 20 and searched["pareto"]
     assert (searched["single_direction"] is not None) == (stages["direction"].details["selection"]["chosen"] is not None)
 
     # one dashboard links every stage's own dashboard, and the links resolve

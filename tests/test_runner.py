@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from refusal_lab.compare.measures import compare, gather
 from refusal_lab.experiments.registry import _EXPERIMENTS, register_experiment
 from refusal_lab.runner import run
-from tests.helpers import compose_config, read_wandb_records, run_cli
+from tests.helpers import REPO_ROOT, compose_config, read_wandb_records, run_cli
 
 SECRET = "hf_SENTINEL_never_write_me_0123456789"
 
@@ -238,6 +244,9 @@ def test_secrets_in_the_config_reach_no_file(embedded_model_dir: Path, tmp_path:
         (["prompts.path=/nonexistent/prompts.jsonl"], "prompt file /nonexistent/prompts.jsonl does not exist"),
         (["model=llama3_8b"], "is gated"),
         (["logger.mode=online"], "logger.mode=online needs a W&B API key"),
+        (["experiment=direction", "experiment.limit_per_label=-3"], "experiment.limit_per_label=-3 must be null (all) or a whole number of at least 1"),
+        (["experiment=direction", "experiment.addition_scale=nan"], "experiment.addition_scale=nan is not a number"),
+        (["-m", "launcher=ray", "experiment=baseline"], "launcher=ray needs Hydra's launcher plugin hydra-ray-launcher: pip install hydra-ray-launcher"),
     ],
 )
 def test_cli_errors_stop_before_the_model_loads(args: list[str], message: str, tmp_path: Path, embedded_model_dir: Path) -> None:
@@ -248,6 +257,42 @@ def test_cli_errors_stop_before_the_model_loads(args: list[str], message: str, t
     assert out.returncode == 2, log[-2000:]
     assert message in log
     assert "Loaded " not in log and "Traceback" not in log
+
+
+def test_a_file_named_gguf_that_is_not_one_stops_in_one_line(tmp_path: Path, embedded_model_dir: Path) -> None:
+    fake = tmp_path / "model.gguf"
+    fake.write_text("<html><body>Sign in to download this file</body></html>")
+    out = run_cli(["experiment=baseline", "model=local", f"model.path={fake}", "logger=none"], tmp_path)
+    log = out.stdout + out.stderr
+    assert out.returncode == 2 and f"{fake} is not a GGUF file" in log and "Traceback" not in log, log[-2000:]
+
+
+def test_a_run_stopped_by_sigterm_records_what_finished_and_compare_reports_it(embedded_model_dir: Path, tmp_path: Path) -> None:
+    """SLURM ends a preempted or timed-out job with SIGTERM: the results file says interrupted, with the stages
+    already written, the process exits promptly with 143, and the sweep's comparison lists the job."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    job = tmp_path / "multirun" / "0_sigterm"
+    output = (tmp_path / "log.txt").open("w")  # a file, not a pipe nobody reads while the test waits
+    process = subprocess.Popen([sys.executable, "-m", "refusal_lab", "experiment=pipeline", "debug=default", "logger=none",
+                                "experiment.stages=[baseline,patching,direction]", f"hydra.run.dir={job}"],
+                               cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
+    baseline = job / "results" / "baseline.json"
+    deadline = time.monotonic() + 600
+    while not baseline.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert process.poll() is None, "the run ended before the test could stop it: " + (tmp_path / "log.txt").read_text()[-2000:]
+    stopped = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    output.close()
+    log = (tmp_path / "log.txt").read_text()
+    assert process.returncode == 143, log[-2000:]
+    assert time.monotonic() - stopped < 60, "an interrupted run exits promptly"
+    record = json.loads((job / "results" / "pipeline.json").read_text())
+    assert record["status"] == "interrupted" and record["finished_stages"][0] == "baseline" and "signal 15" in record["error"]["message"]
+    assert json.loads(baseline.read_text())["status"] == "finished", "what finished stays on disk"
+    row = compare(gather(tmp_path / "multirun"))["jobs"][0]
+    assert row["status"] == "interrupted" and "finished stages: baseline" in row["failures"]["pipeline"]
 
 
 def test_cli_unknown_group_option(tmp_path: Path) -> None:

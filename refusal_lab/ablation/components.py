@@ -12,12 +12,13 @@ SITE_OF = {"head": "head_z", "attn": "attn_out", "mlp": "mlp_out"}
 
 
 def random_like(components: Sequence[Component], layers: Sequence[int], n_heads: int, rng: random.Random,
-                exclude: Sequence[Component] = ()) -> list[Component]:
-    """As many random components of each kind as ``components`` has, in ``layers``, none of them in ``exclude`` (the control)."""
+                exclude: Sequence[Component] = (), scale: int = 1) -> list[Component]:
+    """``scale`` times as many random components of each kind as ``components`` has, in ``layers``, none of them in
+    ``exclude`` (the control; a larger scale grows it until it hurts the model as much as the top components)."""
     out: list[Component] = []
     banned = set(exclude)
     for kind in KINDS:
-        wanted = sum(c.kind == kind for c in components)
+        wanted = scale * sum(c.kind == kind for c in components)
         pool = [Component(kind, layer, head) for layer in layers for head in (range(n_heads) if kind == "head" else [None])]
         pool = [c for c in pool if c not in banned]
         if wanted > len(pool):

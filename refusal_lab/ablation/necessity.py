@@ -5,7 +5,9 @@ in refusal says nothing about the components (any large enough ablation stops a 
 because it stops the model working). And the top components are compared with random ones at the
 same damage, not only at the same count: a top arm's refusal is set beside the random arms'
 refusal interpolated at its KL (piecewise linear over the random arms sorted by KL, the unablated
-model at KL 0 included). A top arm whose KL lies beyond every random arm's has no comparison.
+model at KL 0 included). A top arm whose KL lies beyond every random arm's has no comparison, so the
+experiment grows random controls (twice, four times ... as many components) until one hurts the model
+as much (``needs_larger_control``).
 """
 
 from __future__ import annotations
@@ -24,13 +26,23 @@ class Arm:
     """One ablated set's two numbers (means over prompts): harmful refusal and harmless KL."""
 
     k: int
-    condition: str  # none | top | random
+    condition: str  # none | top | random | matched (a random control grown to the damage of a top arm)
     refusal_rate: float
     harmless_kl: float
 
 
 def broken(arm: Arm, max_damage_kl: float) -> bool:
     return arm.harmless_kl > max_damage_kl
+
+
+CONTROLS = ("random", "matched")
+
+
+def needs_larger_control(top: Arm, arms: Sequence[Arm], max_damage_kl: float) -> bool:
+    """Whether an unbroken top arm hurts the model more than every unbroken random control: only a larger control can
+    be compared with it."""
+    reached = [a.harmless_kl for a in arms if a.condition in CONTROLS and not broken(a, max_damage_kl)]
+    return not broken(top, max_damage_kl) and top.harmless_kl > max(reached, default=0.0)
 
 
 def random_refusal_at(kl: float, none: Arm, randoms: Sequence[Arm], max_damage_kl: float) -> float | None:
@@ -47,7 +59,7 @@ def matched_damage(arms: Sequence[Arm], max_damage_kl: float) -> list[dict[str, 
     """Per top arm: its refusal, the random arms' refusal at its damage, and the gap (random minus top: how much more
     the top components lower refusal than random ones that hurt the model as much)."""
     none = next(a for a in arms if a.condition == "none")
-    randoms = [a for a in arms if a.condition == "random"]
+    randoms = [a for a in arms if a.condition in CONTROLS]
     out = []
     for arm in (a for a in arms if a.condition == "top"):
         if broken(arm, max_damage_kl):

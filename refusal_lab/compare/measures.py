@@ -36,6 +36,7 @@ class Job:
     overrides: dict[str, str]
     results: dict[str, RunResults] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)  # experiment -> error message
+    interrupted: dict[str, list[str]] = field(default_factory=dict)  # experiment -> the stages that had finished
 
     @property
     def name(self) -> str:
@@ -43,6 +44,8 @@ class Job:
 
     @property
     def status(self) -> str:
+        if self.interrupted:
+            return "interrupted"
         return "failed" if self.failures else ("finished" if self.results else "no results")
 
     @property
@@ -68,7 +71,12 @@ def gather(folder: str | Path) -> list[Job]:
     for path in folders:
         job = Job(path, _overrides(path))
         for result in find_results(path):
-            if result.document.get("status") == "failed":
+            if result.document.get("status") == "interrupted":
+                done = list(result.document.get("finished_stages") or [])
+                job.interrupted[result.experiment] = done
+                job.failures[result.experiment] = f"interrupted ({result.document.get('error', {}).get('message', 'stopped')}); " \
+                                                  f"finished stages: {', '.join(done) or 'none'}"
+            elif result.document.get("status") == "failed":
                 error = result.document.get("error", {})
                 job.failures[result.experiment] = f"{error.get('type', 'Error')}: {error.get('message', '')}"
             else:

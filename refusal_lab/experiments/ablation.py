@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from refusal_lab.ablation import MODES, Component, ablation_hooks, random_like, reference_activations
 from refusal_lab.ablation.components import KINDS
-from refusal_lab.ablation.necessity import BROKEN, Arm, matched_damage, verdict
+from refusal_lab.ablation.necessity import BROKEN, Arm, matched_damage, needs_larger_control, verdict
 from refusal_lab.ablation.values import POSITIONS
 from refusal_lab.config import layer_range
 from refusal_lab.metrics.divergence import next_token_kl
@@ -102,7 +102,35 @@ def run_ablation(context: ExperimentContext) -> ExperimentResult:
                           **measure(control, f"random {k}, draw {draw}")})
     if len(curve) == 1:
         raise ConfigError(f"no k of experiment.ks={list(exp.ks)} has a random control of the same kinds in layers {band[0]}-{band[-1]}; use smaller ks")
+    curve += grown_controls(context, curve, ranked, band, measure, rng)
     return write(context, ranking, curve, measure.rows)
+
+
+def grown_controls(context: ExperimentContext, curve: list[dict[str, Any]], ranked: list[Component], band: list[int],
+                   measure: Measurer, rng: random.Random) -> list[dict[str, Any]]:
+    """For each unbroken top arm that hurts the model more than every random control: random controls of 2, 4, ...
+    times its size (``experiment.matched_controls.max_scale`` at most), grown until one is as damaging, so the top
+    components are compared with random ones at their own damage and not only at their count."""
+    exp = context.settings
+    bound, most = float(exp.max_damage_kl), int(exp.matched_controls.max_scale)
+    arm = lambda p: Arm(p["k"], p["condition"], p["refusal_rate"]["mean"], p["harmless_kl"]["mean"])  # noqa: E731
+    grown: list[dict[str, Any]] = []
+    for point in [p for p in curve if p["condition"] == "top"]:
+        top, scale = ranked[: point["k"]], 2
+        while scale <= most and needs_larger_control(arm(point), [arm(p) for p in curve + grown], bound):
+            try:
+                control = random_like(top, band, context.model.adapter.n_heads, rng, exclude=top, scale=scale)
+            except ConfigError as error:
+                log.info("Top %d: no random control %d times as large in layers %d-%d (%s)", point["k"], scale, band[0], band[-1], error)
+                break
+            grown.append({"k": len(control), "condition": "matched", "for_k": point["k"], "scale": scale,
+                          "components": [c.label for c in control], **measure(control, f"random x{scale} for top {point['k']}")})
+            log.info("Top %d (KL %.3f): %d random components (x%d) refuse %.0f%% at KL %.3f", point["k"], point["harmless_kl"]["mean"],
+                     len(control), scale, 100 * grown[-1]["refusal_rate"]["mean"], grown[-1]["harmless_kl"]["mean"])
+            if grown[-1]["harmless_kl"]["mean"] > bound:
+                break
+            scale *= 2
+    return grown
 
 
 class Measurer:
@@ -208,7 +236,8 @@ def write(context: ExperimentContext, ranking: dict[str, Any], curve: list[dict[
     none = next(p for p in curve if p["condition"] == "none")
     metrics[K.ABLATION_NONE] = none["refusal_rate"]["mean"]
     for point in curve:
-        where = "k0" if point["condition"] == "none" else f"k{point['k']}/{point['condition']}" + (f"/draw{point['draw']}" if point["condition"] == "random" else "")
+        where = {"none": "k0", "top": f"k{point['k']}/top", "random": f"k{point['k']}/random/draw{point.get('draw')}",
+                 "matched": f"k{point.get('for_k')}/matched_x{point.get('scale')}"}[point["condition"]]
         for name, values in point["side_sets"].items():
             metrics[f"ablation/{where}/{name}_refusal"] = values["refusal_rate"]
     metrics[K.ABLATION_NECESSARY] = float(finding["necessary"])
@@ -231,7 +260,7 @@ def summarize_curve(curve: list[dict[str, Any]], max_damage_kl: float) -> list[d
     """Per k: the top components' means, and the random control's means over its draws; each flagged broken when its
     harmless KL exceeds the bound."""
     out = []
-    for k in sorted({p["k"] for p in curve if p["k"] > 0}):
+    for k in sorted({p["k"] for p in curve if p["condition"] == "top"}):  # grown controls are compared at matched damage only
         top = next(p for p in curve if p["k"] == k and p["condition"] == "top")
         draws = [p for p in curve if p["k"] == k and p["condition"] == "random"]
         mean = (lambda key: round(float(np.mean([d[key]["mean"] for d in draws])), 5)) if draws else None

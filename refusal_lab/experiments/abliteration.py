@@ -41,7 +41,7 @@ from refusal_lab import metric_keys as K
 from refusal_lab.findings import Direction
 from refusal_lab.generation import generate_greedy, next_token_logits
 from refusal_lab.interventions.operations import directional_ablation
-from refusal_lab.metrics.divergence import next_token_kl
+from refusal_lab.metrics.divergence import answer_kl, answer_log_probs, next_token_kl
 from refusal_lab.prompts import PromptRecord
 from refusal_lab.viz.abliteration import write_abliteration_dashboard
 
@@ -65,6 +65,10 @@ def check_abliteration(cfg: DictConfig) -> None:
         raise ConfigError(f"experiment.space.direction_index={list(exp.space.direction_index)} must be [low, high] fractions of the depth, 0 <= low < high <= 1")
     if float(exp.select.max_kl) <= 0:
         raise ConfigError(f"experiment.select.max_kl={exp.select.max_kl} must be above 0 (nats)")
+    if str(exp.select.kl) not in BOUNDED:
+        raise ConfigError(f"experiment.select.kl={exp.select.kl}: use one of {', '.join(BOUNDED)}")
+    if int(exp.kl_tokens) < 1:
+        raise ConfigError(f"experiment.kl_tokens={exp.kl_tokens} must be at least 1")
     source = exp.get("direction_from")
     if source and not Path(str(source)).is_file():
         raise ConfigError(f"experiment.direction_from={source} is not a file; give a direction run's results/direction.json or null")
@@ -81,7 +85,7 @@ def run_abliteration(context: ExperimentContext) -> ExperimentResult:
     objective = Objective(context, records["search"], directions)
     trials = search(context, objective)
     front = pareto_front([(t["refusal"], t["kl"]) for t in trials])
-    chosen = choose(trials, float(exp.select.max_kl))
+    chosen = choose(trials, float(exp.select.max_kl), str(exp.select.kl))
     single = single_direction(context)
     points = {"search": {"optimised": {k: v for k, v in trials[chosen["index"]].items() if k != "params"}}}  # the figures; params in "chosen"
     conditions: dict[str, Any] = {NONE: None, OPTIMISED: weighted_hooks(chosen["params"], directions, n_layers)}
@@ -113,22 +117,30 @@ def per_layer_directions(context: ExperimentContext, records: dict[str, list[Pro
 
 class Objective:
     """A trial's two numbers on the search split: harmful refusal (the judge on short greedy generations) and the
-    harmless next-token KL at the first response position."""
+    harmless next-token KL at the first response position. Beside them, what the choice rule and the reader need:
+    the KL's one-sided 95 % upper bound over the search prompts (a trial that looks harmless on a few prompts is
+    not chosen on luck), and the mean KL along the first ``kl_tokens`` tokens of the unablated model's answers."""
 
     def __init__(self, context: ExperimentContext, records: dict[str, list[PromptRecord]], directions: torch.Tensor) -> None:
         self.context, self.directions = context, directions
         exp = context.settings
-        self.batch, self.tokens = int(exp.batch_size), int(exp.search_new_tokens)
+        self.batch, self.tokens, self.kl_tokens = int(exp.batch_size), int(exp.search_new_tokens), int(exp.kl_tokens)
         self.harmful = context.chat_texts(records["harmful"])
         self.harmless = context.chat_texts(records["harmless"])
         self.plain, _ = next_token_logits(context.model, self.harmless, self.batch)
+        model = context.model
+        self.answers = [a.completion for a in generate_greedy(model, self.harmless, self.kl_tokens, self.batch, progress=False)]
+        self.plain_along = answer_log_probs(model.model, model.tokenizer, self.harmless, self.answers, self.kl_tokens, batch_size=self.batch)
 
     def __call__(self, hooks: Any) -> dict[str, float]:
         model, judge = self.context.model, self.context.judge
         answers = generate_greedy(model, self.harmful, self.tokens, self.batch, hooks=hooks, progress=False)
         ablated, _ = next_token_logits(model, self.harmless, self.batch, hooks=hooks)
-        kl = next_token_kl(self.plain, ablated)
-        return {"refusal": float(np.mean([judge.is_refusal(a.completion) for a in answers])), "kl": float(kl.mean())}
+        kl = next_token_kl(self.plain, ablated).numpy()
+        along = answer_kl(self.plain_along, answer_log_probs(model.model, model.tokenizer, self.harmless, self.answers, self.kl_tokens,
+                                                             hooks, self.batch)).numpy()
+        return {"refusal": float(np.mean([judge.is_refusal(a.completion) for a in answers])), "kl": float(kl.mean()),
+                "kl_upper": upper_bound(kl), "kl_tokens": float(np.nanmean(along))}
 
     def params(self, trial: optuna.Trial, n_layers: int) -> WeightedAblation:
         space = self.context.settings.space
@@ -144,6 +156,12 @@ class Objective:
                 width=trial.suggest_float(f"{writer}.width", 1.0, float(space.max_width_fraction) * n_layers),
             )
         return WeightedAblation(index, kernels)
+
+
+def upper_bound(values: np.ndarray) -> float:
+    """The one-sided 95 % upper bound of the mean (normal approximation over prompts)."""
+    spread = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+    return float(values.mean() + 1.645 * spread)
 
 
 def search(context: ExperimentContext, objective: Objective) -> list[dict[str, Any]]:
@@ -165,6 +183,8 @@ def search(context: ExperimentContext, objective: Objective) -> list[dict[str, A
     def run_trial(trial: optuna.Trial) -> tuple[float, float]:
         params = objective.params(trial, n_layers)
         values = objective(weighted_hooks(params, objective.directions, n_layers))
+        trial.set_user_attr("kl_upper", values["kl_upper"])
+        trial.set_user_attr("kl_tokens", values["kl_tokens"])
         return values["refusal"], values["kl"]
 
     with tqdm(total=remaining, desc="abliteration trials", unit="trial") as bar:
@@ -175,7 +195,11 @@ def search(context: ExperimentContext, objective: Objective) -> list[dict[str, A
 
         study.optimize(run_trial, n_trials=remaining, callbacks=[advance])
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    return [{"number": t.number, "refusal": t.values[0], "kl": t.values[1], "params": _params(t.params)} for t in finished]
+    older = sum("kl_upper" not in t.user_attrs for t in finished)
+    if older:  # a study begun before trials recorded their bound: never chosen on a bound they were not measured against
+        log.warning("%d trials of %s predate the KL upper bound: their bound counts as unknown (infinite)", older, storage)
+    return [{"number": t.number, "refusal": t.values[0], "kl": t.values[1], "kl_upper": t.user_attrs.get("kl_upper", float("inf")),
+             "kl_tokens": t.user_attrs.get("kl_tokens"), "params": _params(t.params)} for t in finished]
 
 
 def _params(values: dict[str, float]) -> WeightedAblation:
@@ -184,16 +208,22 @@ def _params(values: dict[str, float]) -> WeightedAblation:
     return WeightedAblation(values["direction_index"], kernels)
 
 
-def choose(trials: list[dict[str, Any]], max_kl: float) -> dict[str, Any]:
-    """The fewest refusals among trials whose KL is at most ``max_kl`` (ties: the lower KL); where none is, the lowest KL."""
-    within = [i for i, t in enumerate(trials) if t["kl"] <= max_kl]
+BOUNDED = {"upper": "kl_upper", "mean": "kl"}  # select.kl: which of a trial's KL figures max_kl bounds
+
+
+def choose(trials: list[dict[str, Any]], max_kl: float, bounded: str = "upper") -> dict[str, Any]:
+    """The fewest refusals among trials whose KL (its upper bound over the search prompts, or its mean) is at most
+    ``max_kl`` (ties: the lower KL); where none is, the lowest KL."""
+    key = BOUNDED[bounded]
+    what = "harmless KL's 95 % upper bound" if bounded == "upper" else "mean harmless KL"
+    within = [i for i, t in enumerate(trials) if t[key] <= max_kl]
     if within:
-        index = min(within, key=lambda i: (trials[i]["refusal"], trials[i]["kl"]))
-        rule = f"the fewest harmful refusals among trials with harmless KL <= {max_kl:g}"
+        index = min(within, key=lambda i: (trials[i]["refusal"], trials[i][key]))
+        rule = f"the fewest harmful refusals among trials with {what} <= {max_kl:g}"
     else:
-        index = min(range(len(trials)), key=lambda i: (trials[i]["kl"], trials[i]["refusal"]))
-        rule = f"no trial reached harmless KL <= {max_kl:g}: the trial with the lowest KL"
-        log.warning("No abliteration trial kept the harmless KL at or below %g; choosing the lowest-KL trial", max_kl)
+        index = min(range(len(trials)), key=lambda i: (trials[i][key], trials[i]["refusal"]))
+        rule = f"no trial reached {what} <= {max_kl:g}: the trial with the lowest {what}"
+        log.warning("No abliteration trial kept its %s at or below %g; choosing the trial with the lowest", what, max_kl)
     return {"index": index, "number": trials[index]["number"], "params": trials[index]["params"], "rule": rule, "met_bound": bool(within)}
 
 
@@ -278,7 +308,8 @@ def export(context: ExperimentContext, params: WeightedAblation, directions: tor
 def write(context: ExperimentContext, trials: list[dict[str, Any]], front: list[int], chosen: dict[str, Any], points: dict[str, Any],
           single: Direction | None, measured: dict[str, Any], rows: list[dict[str, Any]], exported: dict[str, Any]) -> ExperimentResult:
     exp, n_layers = context.settings, context.model.adapter.n_layers
-    trial_rows = [{"number": t["number"], "refusal": t["refusal"], "kl": t["kl"], "pareto": i in front, **t["params"].describe(n_layers)}
+    trial_rows = [{"number": t["number"], "refusal": t["refusal"], "kl": t["kl"], "kl_upper": t["kl_upper"], "kl_tokens": t["kl_tokens"],
+                   "pareto": i in front, **t["params"].describe(n_layers)}
                   for i, t in enumerate(trials)]
     metrics: dict[str, float] = {K.ABLITERATION_TRIALS: float(len(trials)), "abliteration/pareto_size": float(len(front)),
                                  "abliteration/search/refusal": trials[chosen["index"]]["refusal"], "abliteration/search/kl": trials[chosen["index"]]["kl"]}
@@ -290,11 +321,18 @@ def write(context: ExperimentContext, trials: list[dict[str, Any]], front: list[
         if "cost" in values:
             metrics[K.abliteration(condition, "kl")] = values["cost"]["kl"]["mean"]
             metrics[K.abliteration(condition, "cross_entropy_change")] = values["cost"]["cross_entropy"]["change"]["mean"]
+            metrics[K.abliteration(condition, "kl_tokens")] = values["cost"]["kl_tokens"]["mean"]
+            metrics[K.abliteration(condition, "kl_median")] = values["cost"]["kl_median"]
+            answered = values["cost"]["kl_by_unablated_decision"]["answered"]
+            if answered["n"]:
+                metrics[K.abliteration(condition, "kl_answered")] = answered["mean"]
     if exported:
         metrics["abliteration/export/max_abs_logit_diff"] = exported["check"]["max_abs_logit_diff"]
     details = {
         "precision": context.model.precision.name, "splits": dict(exp.splits),
         "search": {"objectives": ["harmful refusal (judge, greedy, search_new_tokens)", "harmless next-token KL (first response position)"],
+                   "recorded": {"kl_upper": "one-sided 95 % upper bound of the harmless KL over the search prompts",
+                                "kl_tokens": f"mean harmless KL along the first {int(exp.kl_tokens)} tokens of the unablated model's answers"},
                    "sampler": "optuna TPESampler(multivariate=True), multi-objective", "n_trials": len(trials),
                    "storage": str(context.path("abliteration", "optuna.db")), "space": OmegaConf.to_container(exp.space, resolve=True)},
         "trials": trial_rows, "pareto": [trials[i]["number"] for i in front],
@@ -316,5 +354,8 @@ def _log_summary(details: dict[str, Any]) -> None:
     for condition, values in details["measured"].items():
         cost = values.get("cost")
         side = ", ".join(f"{name} {v['refusal_rate']:.0%}" for name, v in values["side_sets"].items())
+        kl = "" if not cost else (f", harmless KL {cost['kl']['mean']:.3f} (median {cost['kl_median']:.3f}; "
+                                  f"{cost['kl_by_unablated_decision']['answered']['mean']:.3f} where it answered unablated; "
+                                  f"{cost['kl_tokens']['mean']:.3f} along the first {cost['kl_tokens']['tokens']} answer tokens)")
         log.info("%-16s harmful refused %.0f%%, harmless refused %.0f%%%s%s", condition, 100 * values["harmful_refusal"]["mean"],
-                 100 * values["harmless_refusal"]["mean"], f", harmless KL {cost['kl']['mean']:.3f}" if cost else "", f"; {side}" if side else "")
+                 100 * values["harmless_refusal"]["mean"], kl, f"; {side}" if side else "")

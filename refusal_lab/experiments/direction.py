@@ -36,7 +36,7 @@ from refusal_lab import metric_keys as K
 from refusal_lab.findings import Direction
 from refusal_lab.generation import next_token_logits
 from refusal_lab.interventions.operations import activation_addition, directional_ablation
-from refusal_lab.metrics.divergence import mean_token_cross_entropy, next_token_kl
+from refusal_lab.metrics.divergence import answer_kl, answer_log_probs, mean_token_cross_entropy, next_token_kl
 from refusal_lab.models import LoadedModel, load_weights, plan_model
 from refusal_lab.models.adapters import adapter_for
 from refusal_lab.models.precision import FP32
@@ -186,8 +186,8 @@ def rates(rows: list[dict[str, Any]], bootstrap: DictConfig, seed: int) -> dict[
 
 
 def harmless_cost(context: ExperimentContext, harmless: list[PromptRecord], before: list[dict[str, Any]], ablation: Any) -> dict[str, Any]:
-    """What ablation costs on harmless prompts: next-token KL at the first response position, and the
-    cross-entropy of the model's own (unablated) answers with and without the ablation.
+    """What ablation costs on harmless prompts: next-token KL at the first response position and along the first
+    ``kl_tokens`` tokens of the model's own answers, and the cross-entropy of the model's own (unablated) answers with and without the ablation.
 
     The KL is also split by what the unablated model did: where it refused a harmless prompt, removing the
     refusal is the intended effect and moves the distribution a lot; the prompts it answered show the side
@@ -199,6 +199,9 @@ def harmless_cost(context: ExperimentContext, harmless: list[PromptRecord], befo
     for row, value in zip(before, kl, strict=True):
         row["kl_under_ablation"] = round(float(value), 5)
     answers = [r["completion"] for r in before]
+    tokens = int(exp.kl_tokens)
+    along = answer_kl(answer_log_probs(context.model.model, context.model.tokenizer, chats, answers, tokens, batch_size=int(exp.batch_size)),
+                      answer_log_probs(context.model.model, context.model.tokenizer, chats, answers, tokens, ablation, int(exp.batch_size))).numpy()
     plain = np.array(mean_token_cross_entropy(context.model.model, context.model.tokenizer, chats, answers))
     under = np.array(mean_token_cross_entropy(context.model.model, context.model.tokenizer, chats, answers, hooks=ablation))
     answered = ~np.isnan(plain)  # an empty answer has no tokens to predict
@@ -208,6 +211,7 @@ def harmless_cost(context: ExperimentContext, harmless: list[PromptRecord], befo
     return {
         "kl": mean_with_interval(kl, *args),
         "kl_median": round(float(np.median(kl)), 5),
+        "kl_tokens": {"tokens": tokens, **mean_with_interval(along[~np.isnan(along)], *args)},
         "kl_by_unablated_decision": {"answered": mean_with_interval(kl[~refused], *args), "refused": mean_with_interval(kl[refused], *args)},
         "cross_entropy": {"before": mean_with_interval(plain, *args), "ablated": mean_with_interval(under, *args),
                           "change": mean_with_interval(under - plain, *args)},
@@ -282,7 +286,8 @@ def write(context: ExperimentContext, selection: dict[str, Any], vectors: dict[s
 # Every run logs these keys, NaN where nothing was chosen (or exported), so a sweep's W&B runs line up.
 OUTCOME_KEYS = [f"direction/{key}/{measure}" for key in ("harmful/none", "harmful/ablation", "harmless/none", "harmless/addition")
                 for measure in ("refusal_rate", "refusal_score")]
-COST_KEYS = [f"direction/harmless/ablation/{k}" for k in ("kl", "kl_median", "kl_where_answered", "kl_where_refused", "cross_entropy_change")]
+COST_KEYS = [f"direction/harmless/ablation/{k}" for k in ("kl", "kl_median", "kl_where_answered", "kl_where_refused", "kl_tokens",
+                                                               "cross_entropy_change")]
 CHOICE_KEYS = [f"direction/chosen/{k}" for k in ("layer", "position", "bypass", "induce", "kl", "norm")]
 
 
@@ -302,6 +307,7 @@ def direction_metrics(selection: dict[str, Any], outcome: dict[str, Any], export
     for decision, values in cost["kl_by_unablated_decision"].items():
         if values["n"]:
             metrics[f"direction/harmless/ablation/kl_where_{decision}"] = values["mean"]
+    metrics["direction/harmless/ablation/kl_tokens"] = cost["kl_tokens"]["mean"]
     metrics["direction/harmless/ablation/cross_entropy_change"] = cost["cross_entropy"]["change"]["mean"]
     for condition, sets in outcome.get("side_sets", {}).items():
         for name, values in sets.items():
@@ -326,5 +332,6 @@ def _log_summary(selection: dict[str, Any], outcome: dict[str, Any]) -> None:
     cost = outcome["cost"]
     split = cost["kl_by_unablated_decision"]
     log.info("Cost on harmless prompts under ablation: KL %.3f (median %.3f; %.3f on the %d it answered, %s on the %d it refused), "
-             "cross-entropy change %+.3f nats", cost["kl"]["mean"], cost["kl_median"], split["answered"]["mean"], split["answered"]["n"],
-             f"{split['refused']['mean']:.3f}" if split["refused"]["n"] else "n/a", split["refused"]["n"], cost["cross_entropy"]["change"]["mean"])
+             "%.3f along the first %d answer tokens, cross-entropy change %+.3f nats", cost["kl"]["mean"], cost["kl_median"], split["answered"]["mean"],
+             split["answered"]["n"], f"{split['refused']['mean']:.3f}" if split["refused"]["n"] else "n/a", split["refused"]["n"],
+             cost["kl_tokens"]["mean"], cost["kl_tokens"]["tokens"], cost["cross_entropy"]["change"]["mean"])

@@ -43,7 +43,7 @@ def plan_stages(cfg: DictConfig, prompt_set: PromptSet) -> list[Stage]:
     """The stages of ``cfg`` (one, unless it is the pipeline), each checked; a ConfigError names what to fix."""
     name = str(cfg.experiment.name)
     if name != PIPELINE:
-        return [prepare(name, cfg, prompt_set)]
+        return [prepare(name, single_config(cfg, name), prompt_set)]
     if cfg.prompts.get("split") is not None:
         raise ConfigError(f"prompts.split={cfg.prompts.split}: in the pipeline each stage chooses its split "
                           "(stages.<stage>.prompts.split); keep prompts.split=null, or run one experiment (experiment=baseline)")
@@ -61,12 +61,47 @@ def plan_stages(cfg: DictConfig, prompt_set: PromptSet) -> list[Stage]:
     return [prepare(stage, stage_config(cfg, stage, shared), prompt_set) for stage in stages]
 
 
+def single_config(cfg: DictConfig, name: str) -> DictConfig:
+    """The config one experiment sees: the study's settings for it (``study=quick`` sizes it as the pipeline would)
+    and debug's shrink, each setting only where the experiment has it; no ``stages``."""
+    derived = copy.deepcopy(cfg)
+    with open_dict(derived):
+        if derived.get("stages") is not None:
+            node = OmegaConf.to_container(derived.stages, resolve=True).get(name) or {}
+            given = _command_line_keys()
+            sizes = {k: v for k, v in (node.get("experiment") or {}).items() if f"experiment.{k}" not in given}
+            derived.experiment = OmegaConf.merge(derived.experiment, sizes)
+            if node.get("prompts") is not None:
+                derived.prompts = OmegaConf.merge(derived.prompts, node["prompts"])
+            del derived["stages"]
+        derived.experiment = OmegaConf.merge(derived.experiment, shrunk(cfg, derived.experiment))
+    return derived
+
+
+def shrunk(cfg: DictConfig, experiment: Any) -> dict[str, Any]:
+    """``debug=default``'s smaller sizes (``shrink``) that this experiment's settings have (the others are not its own),
+    less those the command line sets itself (``debug=default experiment.max_new_tokens=64`` keeps 64)."""
+    shrink = OmegaConf.to_container(cfg.shrink, resolve=True) if cfg.get("shrink") is not None else {}
+    given = _command_line_keys()
+    return {k: v for k, v in shrink.items() if k in experiment and f"experiment.{k}" not in given}
+
+
+def _command_line_keys() -> set[str]:
+    """The keys this process's command line overrides (none when composed through the Python API)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+
+
 def stage_config(cfg: DictConfig, stage: str, shared: dict[str, Any]) -> DictConfig:
     """The config a stage sees: the run's, with the stage's experiment settings and prompt selection."""
     node = OmegaConf.to_container(cfg.stages[stage], resolve=True)  # resolved where ${stages.*} still exists
     derived = copy.deepcopy(cfg)
     with open_dict(derived):
-        derived.experiment = OmegaConf.merge(node["experiment"], {k: v for k, v in shared.items() if k in node["experiment"]})
+        derived.experiment = OmegaConf.merge(node["experiment"], {k: v for k, v in shared.items() if k in node["experiment"]},
+                                             shrunk(cfg, node["experiment"]))
         if node.get("prompts") is not None:
             derived.prompts = OmegaConf.merge(cfg.prompts, node["prompts"])
         del derived["stages"]

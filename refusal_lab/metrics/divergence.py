@@ -42,11 +42,12 @@ def mean_token_kl(
 
 
 def _answer_batches(tokenizer: PreTrainedTokenizerBase, chats: Sequence[str], answers: Sequence[str],
-                    batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Right-padded (ids, labels, mask, reads) batches of chat + answer; ``reads`` marks the positions that
-    predict an answer token, the only ones unembedded (the vocabulary is large)."""
+                    batch_size: int, max_answer_tokens: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Right-padded (ids, labels, mask, reads) batches of chat + answer (its first ``max_answer_tokens`` tokens);
+    ``reads`` marks the positions that predict an answer token, the only ones unembedded (the vocabulary is large)."""
     examples = [
-        SFTExample(tuple(tokenizer(c, add_special_tokens=False)["input_ids"]), tuple(tokenizer(a, add_special_tokens=False)["input_ids"]))
+        SFTExample(tuple(tokenizer(c, add_special_tokens=False)["input_ids"]),
+                   tuple(tokenizer(a, add_special_tokens=False)["input_ids"][:max_answer_tokens]))
         for c, a in zip(chats, answers, strict=True)
     ]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -62,6 +63,34 @@ def _answer_batches(tokenizer: PreTrainedTokenizerBase, chats: Sequence[str], an
 def _log_probs(adapter: Any, ids: torch.Tensor, mask: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
     hidden = adapter.decoder(input_ids=ids.to(adapter.input_device), attention_mask=mask.to(adapter.input_device)).last_hidden_state
     return torch.log_softmax(adapter.logits_from_hidden(hidden[reads.to(hidden.device)]).float(), dim=-1).cpu()
+
+
+@torch.inference_mode()
+def answer_log_probs(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    chats: Sequence[str],
+    answers: Sequence[str],
+    max_answer_tokens: int,
+    hooks: Any = None,
+    batch_size: int = 16,
+) -> list[torch.Tensor]:
+    """Per answer, the model's next-token log-probabilities [tokens, vocab] at the positions that predict its first
+    ``max_answer_tokens`` tokens (teacher-forced, under ``hooks``): compared with ``answer_kl``, how far an intervention
+    moves the distributions along a whole stretch of an answer, not only at its first token."""
+    from refusal_lab.interventions import intervene
+
+    adapter = adapter_for(model)
+    out: list[torch.Tensor] = []
+    with intervene(adapter, hooks or {}):
+        for ids, _labels, mask, reads in _answer_batches(tokenizer, chats, answers, batch_size, max_answer_tokens):
+            out += list(_log_probs(adapter, ids, mask, reads).split(reads.sum(dim=1).tolist()))
+    return out
+
+
+def answer_kl(reference: Sequence[torch.Tensor], logp: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per answer, the mean over its tokens of KL(reference || logp) in nats, from ``answer_log_probs``; NaN for an empty answer."""
+    return torch.tensor([_kl(r, p).mean().item() if len(r) else float("nan") for r, p in zip(reference, logp, strict=True)])
 
 
 def next_token_kl(reference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -112,7 +112,21 @@ def check_hub_access(model_cfg: Any) -> None:
         )
 
 
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
+
+
+def check_gguf_file(gguf_path: Path) -> None:
+    """A one-line error for a file named .gguf that is not one (a download's HTML page, a pointer file), before
+    it is hashed or handed to the converter."""
+    with gguf_path.open("rb") as handle:
+        head = handle.read(4)
+    if head != GGUF_MAGIC:
+        raise ConfigError(f"{gguf_path} is not a GGUF file (it does not start with {GGUF_MAGIC!r}; {gguf_path.stat().st_size} bytes); "
+                          "give a GGUF model file or a model folder saved with save_pretrained")
+
+
 def _gguf_source(gguf_path: Path, cache_dir: str | Path, kind: str) -> ModelSource:
+    check_gguf_file(gguf_path)
     folder = dequantized_copy(gguf_path, Path(cache_dir))
     return ModelSource(
         kind, str(folder), f"{kind} GGUF {gguf_path.name} (de-quantized fp32 copy at {folder})", identity=folder.name,
@@ -136,8 +150,11 @@ def dequantized_copy(gguf_path: Path, cache_dir: Path) -> Path:
     started = time.perf_counter()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except (ValueError, KeyError, OSError) as error:  # an architecture or tensor layout transformers cannot read
+        raise ConfigError(f"transformers cannot load {gguf_path.name}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
     # A GGUF-loaded model refuses save_pretrained while it still carries the GGUF quantizer.
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)

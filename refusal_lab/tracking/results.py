@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import subprocess
 import traceback
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_lab.config import PACKAGE_DIR, redact_secrets
+from refusal_lab.errors import Interrupted
 from refusal_lab.experiments.result import ExperimentResult
 
 _PACKAGES = (
@@ -66,11 +68,11 @@ def write_results(output_dir: Path, experiment: str, result: ExperimentResult, p
 
 
 def write_failure(output_dir: Path, experiment: str, error: BaseException, provenance: dict[str, Any]) -> Path:
-    """A failed run's results file: what failed and why, beside whatever it had written, so a sweep's
-    comparison reports the job as failed instead of missing."""
+    """A failed or interrupted run's results file: what failed and why, beside whatever it had written, so a
+    sweep's comparison reports the job as failed (or interrupted) instead of missing."""
     document = {
         "experiment": experiment,
-        "status": "failed",
+        "status": "interrupted" if isinstance(error, Interrupted) else "failed",
         "error": {"type": type(error).__name__, "message": str(error), "traceback": traceback.format_exc(limit=-8)},
         "metrics": {},
         **provenance,
@@ -79,8 +81,11 @@ def write_failure(output_dir: Path, experiment: str, error: BaseException, prove
 
 
 def _write_document(path: Path, document: dict[str, Any]) -> Path:
+    """Written beside and renamed into place: a run stopped mid-write never leaves half a results file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_finite(redact_secrets(document)), indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staging.write_text(json.dumps(_finite(redact_secrets(document)), indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(staging, path)
     return path
 
 

@@ -63,13 +63,17 @@ def _verdict(details: dict[str, Any]) -> str:
 def _matched(curve: list[dict[str, Any]], bound: float) -> go.Figure:
     """Harmful refusal against harmless KL: at equal damage, do the top components lower refusal more than random ones?"""
     figure = go.Figure()
-    for condition, colour in (("none", "black"), ("top", "crimson"), ("random", "grey")):
+    names = {"none": "nothing ablated", "top": "top components", "random": "random components",
+             "matched": "random components, grown to a top arm's damage"}
+    for condition, colour in (("none", "black"), ("top", "crimson"), ("random", "grey"), ("matched", "darkgrey")):
         points = [p for p in curve if p["condition"] == condition]
+        if not points:
+            continue
         figure.add_trace(go.Scatter(
             x=[p["harmless_kl"]["mean"] for p in points], y=[p["refusal_rate"]["mean"] for p in points], mode="markers+text",
-            name={"none": "nothing ablated", "top": "top components", "random": "random components"}[condition],
-            marker={"color": colour, "size": 11, "symbol": ["x" if p.get("broken") else "circle" for p in points]},
-            text=[f"k={p['k']}" for p in points], textposition="top center",
+            name=names[condition],
+            marker={"color": colour, "size": 11, "symbol": ["x" if p.get("broken") else "diamond" if condition == "matched" else "circle" for p in points]},
+            text=[f"k={p['k']}" + (f" (for top {p['for_k']})" if condition == "matched" else "") for p in points], textposition="top center",
             hovertemplate="%{text}: KL %{x:.3f}, refusal %{y:.0%}<extra>" + condition + "</extra>",
         ))
     figure.add_vline(x=bound, line_dash="dash", line_color="grey", annotation_text=f"model broken beyond {bound:g} nats")

@@ -35,7 +35,7 @@ def _front(details: dict[str, Any]) -> go.Figure:
     front = sorted((t for t in trials if t["pareto"]), key=lambda t: t["kl"])
     figure = go.Figure()
     figure.add_trace(go.Scatter(x=[t["kl"] for t in trials], y=[t["refusal"] for t in trials], mode="markers", name="trials",
-                                marker={"color": "lightgrey", "size": 7}, text=[f"trial {t['number']}" for t in trials],
+                                marker={"color": "lightgrey", "size": 7}, text=[f"trial {t['number']} (KL upper bound {t.get('kl_upper') or float('nan'):.3f})" for t in trials],
                                 hovertemplate="%{text}: KL %{x:.3f}, refusal %{y:.0%}<extra></extra>"))
     figure.add_trace(go.Scatter(x=[t["kl"] for t in front], y=[t["refusal"] for t in front], mode="lines+markers", name="Pareto front",
                                 line={"shape": "hv", "color": "crimson"}, marker={"color": "crimson", "size": 8}))
@@ -64,7 +64,9 @@ def _kernel(ablation: dict[str, Any]) -> go.Figure:
 def _measured(measured: dict[str, Any], level: float) -> str:
     sides = sorted({name for values in measured.values() for name in values["side_sets"]})
     head = "".join(f"<th>{html.escape(h)}</th>" for h in ["", "harmful refused", "harmless refused", *[f"{s} refused" for s in sides],
-                                                             "harmless KL", "cross-entropy change"])
+                                                             "harmless KL (first token)", "harmless KL median",
+                                                             "harmless KL where it answered unablated", "harmless KL along the first answer tokens",
+                                                             "cross-entropy change"])
 
     def cell(stat: dict[str, Any] | None, fmt: str) -> str:
         if not stat:
@@ -77,5 +79,6 @@ def _measured(measured: dict[str, Any], level: float) -> str:
         cost = values.get("cost") or {}
         body += (f"<tr><td>{html.escape(condition)}</td>{cell(values['harmful_refusal'], '.0%')}{cell(values['harmless_refusal'], '.0%')}"
                  + "".join(f"<td>{values['side_sets'][s]['refusal_rate']:.0%}</td>" for s in sides)
-                 + cell(cost.get("kl"), ".3f") + cell((cost.get("cross_entropy") or {}).get("change"), "+.3f") + "</tr>")
+                 + cell(cost.get("kl"), ".3f") + (f"<td>{cost['kl_median']:.3f}</td>" if "kl_median" in cost else "<td>-</td>")
+                 + cell((cost.get("kl_by_unablated_decision") or {}).get("answered"), ".3f") + cell(cost.get("kl_tokens"), ".3f") + cell((cost.get("cross_entropy") or {}).get("change"), "+.3f") + "</tr>")
     return f"<h3>Measured on the evaluation split ({level:.0%} intervals)</h3><table><tr>{head}</tr>{body}</table>"
