@@ -30,6 +30,11 @@ class Arm:
     refusal_rate: float
     harmless_kl: float
 
+    @classmethod
+    def of(cls, point: dict[str, Any]) -> Arm:
+        """The arm of one measured point of the experiment's curve."""
+        return cls(point["k"], point["condition"], point["refusal_rate"]["mean"], point["harmless_kl"]["mean"])
+
 
 def broken(arm: Arm, max_damage_kl: float) -> bool:
     return arm.harmless_kl > max_damage_kl

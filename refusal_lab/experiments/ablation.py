@@ -113,11 +113,10 @@ def grown_controls(context: ExperimentContext, curve: list[dict[str, Any]], rank
     components are compared with random ones at their own damage and not only at their count."""
     exp = context.settings
     bound, most = float(exp.max_damage_kl), int(exp.matched_controls.max_scale)
-    arm = lambda p: Arm(p["k"], p["condition"], p["refusal_rate"]["mean"], p["harmless_kl"]["mean"])  # noqa: E731
     grown: list[dict[str, Any]] = []
     for point in [p for p in curve if p["condition"] == "top"]:
         top, scale = ranked[: point["k"]], 2
-        while scale <= most and needs_larger_control(arm(point), [arm(p) for p in curve + grown], bound):
+        while scale <= most and needs_larger_control(Arm.of(point), [Arm.of(p) for p in curve + grown], bound):
             try:
                 control = random_like(top, band, context.model.adapter.n_heads, rng, exclude=top, scale=scale)
             except ConfigError as error:
@@ -220,7 +219,7 @@ def write(context: ExperimentContext, ranking: dict[str, Any], curve: list[dict[
     bound = float(exp.max_damage_kl)
     for point in curve:
         point["broken"] = point["condition"] != "none" and point["harmless_kl"]["mean"] > bound
-    arms = [Arm(p["k"], p["condition"], p["refusal_rate"]["mean"], p["harmless_kl"]["mean"]) for p in curve]
+    arms = [Arm.of(p) for p in curve]
     matched = matched_damage(arms, bound)
     finding = verdict(matched, float(exp.necessity.min_gap), int(exp.necessity.max_k))
     summary = summarize_curve(curve, bound)
